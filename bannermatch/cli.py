@@ -1,0 +1,188 @@
+"""The ``bannermatch`` command line: the notebook steps, one subcommand each."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import BannermatchError
+
+log = logging.getLogger("bannermatch")
+
+DEFAULT_IMAGES = "bannermatch_data/banners"
+DEFAULT_STORE = "bannermatch_data/features"
+EXAMPLE_QUERY = "227300"  # Euro Truck Simulator 2, the original write-up's query
+
+
+# ------------------------------------------------------------------------------------------ shared options
+
+def _arch(text: str) -> dict:
+    """``depth=2,embed_dim=48`` -> {"depth": 2, "embed_dim": 48}"""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected key=value, got {item!r}")
+        out[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    return out
+
+
+def add_recipe_options(p: argparse.ArgumentParser) -> None:
+    from .features import DTYPES, PREPROCESSING, STRATEGIES
+    from .models import SOURCES, list_models
+
+    g = p.add_argument_group("feature recipe")
+    g.add_argument("--model", default="dino_vitb16", choices=[m.name for m in list_models()], metavar="NAME",
+                   help="backbone (see `bannermatch models`; default: %(default)s)")
+    g.add_argument("--source", choices=SOURCES, help="where the model comes from (default: the model's first)")
+    g.add_argument("--weights", metavar="PATH", help="local weights (.pth/.safetensors, or a HF folder) for offline use")
+    g.add_argument("--strategy", default="simple", choices=STRATEGIES, help="feature strategy (default: %(default)s)")
+    g.add_argument("--multiscale", action="store_true", help="average features over scales 1, 1/sqrt(2), 1/2")
+    g.add_argument("--preprocess", default="crop", choices=PREPROCESSING, help="crop, squash or keep the 2:3 shape (default: %(default)s)")
+    g.add_argument("--dtype", default="auto", choices=DTYPES, help="autocast dtype (default: bf16/fp16 where it is fast)")
+    g.add_argument("--n-last-blocks", type=int, help="`complex`: CLS tokens of this many last blocks")
+    g.add_argument("--avgpool", action=argparse.BooleanOptionalAction, default=None, help="`complex`: add the mean patch token")
+    g.add_argument("--arch", type=_arch, default=None, metavar="K=V,...", help="architecture overrides (tiny test models)")
+    p.add_argument("--store", default=DEFAULT_STORE, help="feature store folder (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: GPU if any)")
+
+
+def recipe_from_args(args):
+    from .features import make_recipe
+
+    return make_recipe(args.model, args.strategy, args.preprocess, args.multiscale, args.source, args.weights,
+                       args.dtype, args.device, args.n_last_blocks, args.avgpool, args.arch)
+
+
+def features_from_args(args):
+    """The stored feature set the recipe options name (error if it has not been embedded yet)."""
+    from .features import load_features
+
+    recipe = recipe_from_args(args)
+    path = Path(args.store) / recipe.slug
+    if not path.exists():
+        raise BannermatchError(f"no features for {recipe.label} in {args.store}; run `bannermatch embed` first")
+    return load_features(path, recipe)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+# ------------------------------------------------------------------------------------------ subcommands
+
+def cmd_models(args) -> None:
+    from .models import list_models
+
+    print(f"{'name':<28} {'sources':<10} {'dim':>5} {'patch':>5}  {'input':<8} {'mean/std':<14} description")
+    for m in list_models():
+        norm = "imagenet" if m.mean[0] == 0.485 else "0.5/0.5"
+        print(f"{m.name:<28} {','.join(m.sources):<10} {m.embed_dim:>5} {m.patch_size:>5}  "
+              f"{m.input_size}px {m.interpolation:<5} {norm:<8} {m.description}")
+
+
+def cmd_embed(args) -> None:
+    from .features import extract_features
+
+    recipe = recipe_from_args(args)
+    fs = extract_features(args.images, recipe, args.store, args.weights, args.device, args.batch_size,
+                          args.workers, progress=not args.quiet)
+    print(f"{len(fs.keys)} banners embedded ({fs.features.shape[1]}-d) in {fs.path}"
+          + (f"; {len(fs.skipped)} skipped (listed in {fs.path / 'manifest.json'})" if fs.skipped else ""))
+
+
+def cmd_match(args) -> None:
+    from .search import find_matches
+
+    fs = features_from_args(args)
+    m = find_matches(fs, args.k, args.device, args.precision, args.backend)
+    print(f"top-{args.k} matches of {len(fs.keys)} banners saved in {m.save()}/neighbours.npy and scores.npy")
+
+
+def cmd_show(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .display import show_matches
+    from .search import query
+
+    fs = features_from_args(args)
+    results = query(fs, args.queries, k=args.k, weights=args.weights, device=args.device)
+    for r in results:
+        print(f"{r.name or r.key} ({r.key or 'new image'}):")
+        for key, score in r.matches:
+            print(f"  {score:.3f}  {key:>8}  {fs.name(key)}")
+    if args.out:
+        show_matches(fs, args.queries, k=args.k, results=results, save=args.out)
+        print(f"grid saved to {args.out}")
+
+
+def add_core_commands(sub) -> None:
+    p = sub.add_parser("models", help="list the available backbones")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("embed", help="embed a collection of banners into the feature store")
+    p.add_argument("images", nargs="?", default=DEFAULT_IMAGES,
+                   help="folder, .tar/.tar.gz/.zip archive, or folder of webdataset shards (default: %(default)s)")
+    add_recipe_options(p)
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--workers", type=int, help="image decoding processes (default: up to 4)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("match", help="top-k neighbours of every banner (exact cosine)")
+    add_recipe_options(p)
+    p.add_argument("-k", type=_positive, default=10, help="neighbours per banner (default: %(default)s)")
+    p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+                   help="bfloat16: faster search, candidates rescored in float32")
+    p.add_argument("--backend", default="torch", choices=("torch", "faiss"))
+    p.set_defaults(func=cmd_match)
+
+    p = sub.add_parser("show", help="print and draw the top-k matches of some queries")
+    p.add_argument("queries", nargs="+", help="app ids, game names, image files or URLs")
+    add_recipe_options(p)
+    p.add_argument("-k", type=_positive, default=10)
+    p.add_argument("--out", metavar="PNG", help="save the grid as a PNG")
+    p.set_defaults(func=cmd_show)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="bannermatch",
+        description="Find Steam games whose banners look alike, with DINO / BEiT / DINOv2 features.",
+        epilog="Typical run: bannermatch download; bannermatch embed; bannermatch match; bannermatch show 'Euro Truck Simulator 2'",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="more logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_core_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="bannermatch: %(levelname)s: %(message)s")
+    for noisy in ("timm", "urllib3", "httpx", "huggingface_hub", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        args.func(args)
+    except BannermatchError as exc:
+        print(f"bannermatch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bannermatch: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

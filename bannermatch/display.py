@@ -1,0 +1,87 @@
+"""Display: a query banner beside its top-k matches, with game name, app id and score in each title."""
+
+from __future__ import annotations
+
+import functools
+import math
+import textwrap
+from pathlib import Path
+
+from PIL import Image
+
+from .features import FeatureSet
+from .search import Matches, QueryResult, query
+from .sources import ImageSource, SkipImage, decode_image, open_source
+
+
+@functools.lru_cache(maxsize=8)
+def _source(images: str) -> tuple[ImageSource, dict[str, int]]:
+    source = open_source(images)
+    return source, {e.key: i for i, e in enumerate(source.entries)}
+
+
+def banner_images(features: FeatureSet, keys: list[str]) -> dict[str, Image.Image | None]:
+    """The banners of ``keys`` read from the collection the features were made from (None if unreadable)."""
+    out: dict[str, Image.Image | None] = {k: None for k in keys}
+    if not features.images or not Path(features.images).exists():
+        return out
+    source, index = _source(features.images)
+    wanted = {index[k] for k in keys if k in index}
+    for _, entry, data in source.read(wanted.__contains__):
+        try:
+            out[entry.key] = decode_image(data)
+        except SkipImage:
+            pass
+    return out
+
+
+def _title(name: str, key: str | None, score: float | None) -> str:
+    lines = textwrap.wrap(name, 22, max_lines=2, placeholder="…") if name else []
+    meta = " · ".join(x for x in (key, f"{score:.3f}" if score is not None else None) if x)
+    return "\n".join([*lines, meta])
+
+
+def show_matches(
+    features: FeatureSet,
+    queries,
+    k: int = 10,
+    ncols: int = 5,
+    matches: Matches | None = None,
+    save: str | Path | None = None,
+    results: list[QueryResult] | None = None,
+    **query_options,
+):
+    """Draw each query banner and its top-k (default 10, two rows of five); returns the figure.
+
+    ``queries`` are app ids, game names, image paths/URLs or PIL images (one or a list). Inline in a
+    notebook; with ``save`` the figure is written as a PNG instead.
+    """
+    import matplotlib.pyplot as plt
+
+    results = results or query(features, queries, k=k, matches=matches, **query_options)
+    rows_per_query = math.ceil(k / ncols)
+    keys = [key for r in results for key in [r.key, *(m for m, _ in r.matches[:k])] if key]
+    images = banner_images(features, keys)
+    fig, axes = plt.subplots(rows_per_query * len(results), ncols + 1,
+                             figsize=(1.9 * (ncols + 1), 3.4 * rows_per_query * len(results)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for qi, result in enumerate(results):
+        top = qi * rows_per_query
+        qimg = result.image if result.image is not None else images.get(result.key)
+        _draw(axes[top, 0], qimg, "QUERY\n" + _title(result.name, result.key, None))
+        for j, (key, score) in enumerate(result.matches[:k]):
+            _draw(axes[top + j // ncols, 1 + j % ncols], images.get(key), _title(features.name(key), key, score))
+    fig.tight_layout()
+    if save is not None:
+        fig.savefig(save, dpi=100)
+        plt.close(fig)
+    return fig
+
+
+def _draw(ax, img, title: str) -> None:
+    if img is not None:
+        ax.imshow(img)
+    else:
+        ax.text(0.5, 0.5, "image\nunavailable", ha="center", va="center", fontsize=8, color="grey")
+    ax.set_title(title, fontsize=7)

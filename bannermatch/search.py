@@ -1,0 +1,294 @@
+"""Search: exact cosine top-k, in query chunks, never building the N x N similarity matrix.
+
+Ties are broken by index (lower first), so results are the same on every run and every device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import urllib.request
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import BannermatchError
+from .features import FeatureSet, _atomic_write_bytes, embed_images, load_backbone, resolve_device
+from .steam import search_names
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("float32", "bfloat16")
+BACKENDS = ("torch", "faiss")
+_CHUNK_BYTES = 256 << 20  # similarity block per step: bounds extra memory whatever N is
+_RESCORE_EXTRA = 16  # bf16 search keeps this many extra candidates, then rescores them in fp32
+
+
+def _chunk_rows(n: int, budget: int = _CHUNK_BYTES) -> int:
+    return max(1, min(4096, budget // (4 * max(n, 1))))
+
+
+def _lexsort_topk(vals: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order candidates by (score desc, index asc) and keep k."""
+    by_idx = torch.sort(idx, dim=1, stable=True).indices
+    vals, idx = vals.gather(1, by_idx), idx.gather(1, by_idx)
+    by_val = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    return vals.gather(1, by_val)[:, :k], idx.gather(1, by_val)[:, :k]
+
+
+def top_k(
+    queries: np.ndarray | torch.Tensor,
+    database: np.ndarray | torch.Tensor,
+    k: int,
+    exclude: np.ndarray | None = None,
+    device: str | None = None,
+    precision: str = "float32",
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each query row, the ``k`` database rows of highest dot product: ``(indices int64, scores float32)``.
+
+    ``exclude[i]`` is a database index that query ``i`` may not match (itself), or -1.
+    """
+    if precision not in PRECISIONS:
+        raise BannermatchError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    dev = resolve_device(device)
+    db = torch.as_tensor(database, dtype=torch.float32).to(dev)
+    q_all = torch.as_tensor(queries, dtype=torch.float32)
+    n = db.shape[0] - (1 if exclude is not None else 0)
+    if k > n:
+        raise BannermatchError(f"k={k} is larger than the {n} banners there are to match")
+    if k < 1:
+        raise BannermatchError("k must be at least 1")
+    db_search = db.to(torch.bfloat16) if precision == "bfloat16" else db
+    extra = _RESCORE_EXTRA if precision == "bfloat16" else 1
+    n_cand = min(k + extra, db.shape[0])
+    out_idx = np.empty((len(q_all), k), np.int64)
+    out_val = np.empty((len(q_all), k), np.float32)
+    step = _chunk_rows(db.shape[0])
+    for start in range(0, len(q_all), step):
+        q = q_all[start:start + step].to(dev)
+        sims = q.to(db_search.dtype) @ db_search.T
+        rows = torch.arange(len(q), device=dev)
+        if exclude is not None:
+            ex = torch.as_tensor(exclude[start:start + step], device=dev)
+            valid = ex >= 0
+            sims[rows[valid], ex[valid]] = -torch.inf
+        vals, idx = torch.topk(sims, n_cand, dim=1)
+        if precision == "bfloat16":  # exact fp32 scores for the candidates, then re-rank
+            vals = torch.einsum("qd,qcd->qc", q, db[idx])
+            if exclude is not None:
+                vals[idx == ex[:, None]] = -torch.inf
+        vals, idx = _lexsort_topk(vals.float(), idx, k + (n_cand > k))
+        # A tie across the k-th place: settle exactly which indices win (rare: duplicate banners).
+        if n_cand > k:
+            for r in torch.nonzero(vals[:, k - 1] == vals[:, k]).flatten().tolist():
+                row = (q[r:r + 1].to(db_search.dtype) @ db_search.T).float()[0] if precision == "float32" else (q[r] @ db.T)
+                if exclude is not None and ex[r] >= 0:
+                    row[ex[r]] = -torch.inf
+                cand = torch.nonzero(row >= vals[r, k - 1]).flatten()
+                v, i = _lexsort_topk(row[cand][None], cand[None], k)
+                vals[r, :k], idx[r, :k] = v[0], i[0]
+        out_val[start:start + len(q)] = vals[:, :k].cpu().numpy()
+        out_idx[start:start + len(q)] = idx[:, :k].cpu().numpy()
+    return out_idx, out_val
+
+
+def top_k_faiss(queries, database, k, exclude=None) -> tuple[np.ndarray, np.ndarray]:
+    """The same search with faiss ``IndexFlatIP`` (optional extra ``[faiss]``)."""
+    try:
+        import faiss
+    except ImportError:
+        raise BannermatchError("the faiss backend needs: pip install 'bannermatch[faiss]'") from None
+    database = np.ascontiguousarray(database, dtype=np.float32)
+    index = faiss.IndexFlatIP(database.shape[1])
+    index.add(database)
+    extra = 1 if exclude is not None else 0
+    scores, idx = index.search(np.ascontiguousarray(queries, dtype=np.float32), k + extra)
+    if exclude is None:
+        return idx.astype(np.int64), scores
+    keep = idx != np.asarray(exclude)[:, None]
+    keep[keep.sum(1) > k, -1] = False  # self was not among the candidates: drop the last one instead
+    return idx[keep].reshape(len(idx), k).astype(np.int64), scores[keep].reshape(len(idx), k)
+
+
+# ------------------------------------------------------------------------------------------ all vs all
+
+@dataclass
+class Matches:
+    """Top-k neighbours of every banner of a feature set: row i belongs to ``features.keys[i]``."""
+
+    features: FeatureSet
+    neighbours: np.ndarray  # int64 [N, k], indices into features.keys
+    scores: np.ndarray  # float32 [N, k], cosine similarity
+
+    @property
+    def k(self) -> int:
+        return self.neighbours.shape[1]
+
+    def of(self, key: str) -> list[tuple[str, float]]:
+        i = self.features.index_of(key)
+        return [(self.features.keys[j], float(s)) for j, s in zip(self.neighbours[i], self.scores[i])]
+
+    def save(self) -> Path:
+        path = self.features.path
+        _atomic_write_bytes(path / "neighbours.npy", lambda fh: np.save(fh, self.neighbours, allow_pickle=False))
+        _atomic_write_bytes(path / "scores.npy", lambda fh: np.save(fh, self.scores, allow_pickle=False))
+        meta = {"k": self.k, "count": len(self.features.keys), "keys_hash": _keys_hash(self.features.keys)}
+        _atomic_write_bytes(path / "matches.json", lambda fh: fh.write(json.dumps(meta).encode()))
+        return path
+
+
+def _keys_hash(keys: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
+def _load_matches(features: FeatureSet, k: int) -> Matches | None:
+    path = features.path
+    try:
+        meta = json.loads((path / "matches.json").read_text())
+        if meta["keys_hash"] != _keys_hash(features.keys) or meta["k"] < k:
+            return None
+        nb = np.load(path / "neighbours.npy", allow_pickle=False)
+        sc = np.load(path / "scores.npy", allow_pickle=False)
+    except (OSError, ValueError, KeyError):
+        return None
+    if nb.shape != (len(features.keys), meta["k"]) or sc.shape != nb.shape or nb.min(initial=0) < 0 \
+            or nb.max(initial=0) >= len(features.keys):
+        log.warning("%s: stored matches are damaged; computing them again", path)
+        return None
+    return Matches(features, nb[:, :k].astype(np.int64), sc[:, :k].astype(np.float32))
+
+
+def find_matches(
+    features: FeatureSet,
+    k: int = 10,
+    device: str | None = None,
+    precision: str = "float32",
+    backend: str = "torch",
+    save: bool = True,
+) -> Matches:
+    """Top-k neighbours of every banner (itself excluded), reused from disk when already computed."""
+    if backend not in BACKENDS:
+        raise BannermatchError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if save and (cached := _load_matches(features, k)) is not None:
+        return cached
+    n = len(features.keys)
+    if k > n - 1:
+        raise BannermatchError(f"k={k} is larger than the {n - 1} other banners there are to match")
+    exclude = np.arange(n)
+    if backend == "faiss":
+        idx, scores = top_k_faiss(features.features, features.features, k, exclude)
+    else:
+        idx, scores = top_k(features.features, features.features, k, exclude, device, precision)
+    matches = Matches(features, idx, scores)
+    if save:
+        matches.save()
+    return matches
+
+
+# ------------------------------------------------------------------------------------------ queries
+
+@dataclass
+class QueryResult:
+    """A query (a stored banner, or a new image) and its top-k matches."""
+
+    key: str | None  # None for a new image
+    name: str
+    image: object  # PIL image of a new query, else None (read from the collection when shown)
+    matches: list[tuple[str, float]]
+
+
+def resolve_key(features: FeatureSet, q: str, names: dict[str, str] | None = None) -> str:
+    """A stored key from an app id or a game name (case-insensitive search)."""
+    q = str(q).strip()
+    if q in features.index_map():
+        return q
+    names = names or features.names
+    in_set = {k: v for k, v in names.items() if k in features.index_map()}
+    hits = search_names(in_set, q, limit=5)
+    if not hits:
+        if q.isdigit():
+            raise BannermatchError(f"app id {q} is not in this feature set ({len(features.keys)} banners)")
+        raise BannermatchError(f"no game in this feature set has a name matching {q!r}")
+    if len(hits) > 1:
+        log.info("%r matches %s; using %s", q, ", ".join(f"{n} ({a})" for a, n in hits), hits[0][1])
+    return hits[0][0]
+
+
+def _open_query_image(q):
+    from PIL import Image
+
+    from .sources import SkipImage, decode_image
+
+    if isinstance(q, Image.Image):
+        return q.convert("RGB")
+    q = str(q)
+    try:
+        if q.startswith(("http://", "https://")):
+            with urllib.request.urlopen(q, timeout=30) as resp:
+                data = resp.read()
+        else:
+            data = Path(q).read_bytes()
+        return decode_image(data)
+    except SkipImage as exc:
+        raise BannermatchError(f"query {q} is not usable: {exc}") from None
+    except OSError as exc:
+        raise BannermatchError(f"cannot read query image {q}: {exc}") from None
+
+
+def _is_image_query(q) -> bool:
+    from PIL import Image
+
+    if isinstance(q, Image.Image):
+        return True
+    q = str(q)
+    return q.startswith(("http://", "https://")) or (os.path.sep in q or "." in q) and Path(q).is_file()
+
+
+def query(
+    features: FeatureSet,
+    queries,
+    k: int = 10,
+    names: dict[str, str] | None = None,
+    matches: Matches | None = None,
+    backbone=None,
+    weights: str | Path | None = None,
+    device: str | None = None,
+) -> list[QueryResult]:
+    """Top-k matches for app ids, game names, image files, URLs or PIL images (one or a list).
+
+    New images are embedded with the feature set's own recipe, so query and collection always agree.
+    """
+    if isinstance(queries, (str, int)) or not isinstance(queries, (list, tuple)):
+        queries = [queries]
+    names = names or features.names
+    results: list[QueryResult | None] = [None] * len(queries)
+    keys_at, images_at = [], []
+    for i, q in enumerate(queries):
+        (images_at if _is_image_query(q) else keys_at).append(i)
+    if keys_at:
+        keys = [resolve_key(features, str(queries[i]), names) for i in keys_at]
+        rows = np.array([features.index_of(key) for key in keys])
+        if matches is not None and matches.k >= k:
+            idx, scores = matches.neighbours[rows, :k], matches.scores[rows, :k]
+        else:
+            idx, scores = top_k(features.features[rows], features.features, k, rows, device)
+        for i, key, ix, sc in zip(keys_at, keys, idx, scores):
+            results[i] = QueryResult(key, names.get(key, ""), None,
+                                     [(features.keys[j], float(s)) for j, s in zip(ix, sc)])
+    if images_at:
+        imgs = [_open_query_image(queries[i]) for i in images_at]
+        backbone = backbone or load_backbone(features.recipe, weights, device)
+        if getattr(backbone, "spec", None) is None or backbone.spec.name != features.recipe.model:
+            raise BannermatchError(f"queries must be embedded with {features.recipe.model}, the feature set's model")
+        feats = embed_images(imgs, features.recipe, backbone)
+        idx, scores = top_k(feats, features.features, k, None, device)
+        for i, img, ix, sc in zip(images_at, imgs, idx, scores):
+            label = queries[i] if isinstance(queries[i], str) else "query image"
+            results[i] = QueryResult(None, str(label), img, [(features.keys[j], float(s)) for j, s in zip(ix, sc)])
+    return results
