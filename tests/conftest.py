@@ -1,0 +1,73 @@
+"""Shared fixtures: synthetic banners drawn here, tiny random-weight ViTs saved as local checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from bannermatch.models import create_model
+
+SHARED_APPS = Path(__file__).resolve().parents[2] / "shared" / "steam" / "vertical_banner_apps_2021.json"
+# A small ViT with the registry's DINO ViT-S/16 code path (timm): 48-d, 4 blocks, 3 heads.
+TINY_ARCH = {"embed_dim": 48, "depth": 4, "num_heads": 3}
+# Real app ids and names (from the shared Steam list) for the synthetic banners.
+APPS = {
+    "227300": "Euro Truck Simulator 2", "232010": "Euro Truck Simulator", "270880": "American Truck Simulator",
+    "10": "Counter-Strike", "220": "Half-Life 2", "70": "Half-Life", "400": "Portal", "620": "Portal 2",
+    "440": "Team Fortress 2", "570": "Dota 2", "730": "Counter-Strike: Global Offensive",
+    "8930": "Sid Meier's Civilization® V", "289070": "Sid Meier’s Civilization® VI", "292030": "The Witcher® 3: Wild Hunt",
+    "20900": "The Witcher: Enhanced Edition Director's Cut", "105600": "Terraria", "413150": "Stardew Valley",
+    "367520": "Hollow Knight", "504230": "Celeste", "250900": "The Binding of Isaac: Rebirth",
+}
+
+
+def draw_banner(seed: int, size=(300, 450)) -> Image.Image:
+    """A synthetic 2:3 banner: background colour, a few shapes and stripes, all from the seed."""
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", size, tuple(int(c) for c in rng.integers(0, 256, 3)))
+    draw = ImageDraw.Draw(img)
+    w, h = size
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
+        x1, y1 = x0 + int(rng.integers(30, w // 2)), y0 + int(rng.integers(30, h // 2))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=colour)
+    for y in range(0, h, int(rng.integers(20, 60))):
+        draw.line([0, y, w, y + int(rng.integers(-30, 30))], fill=tuple(int(c) for c in rng.integers(0, 256, 3)), width=3)
+    return img
+
+
+@pytest.fixture(scope="session")
+def banner_dir(tmp_path_factory) -> Path:
+    """A folder of 20 synthetic 300x450 JPEG banners named by real app ids, with apps.json beside them."""
+    d = tmp_path_factory.mktemp("banners")
+    for i, appid in enumerate(APPS):
+        draw_banner(i).save(d / f"{appid}.jpg", quality=95)
+    (d / "apps.json").write_text(json.dumps(APPS))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """A local checkpoint of a tiny DINO-style ViT, saved as real weights would be."""
+    torch.manual_seed(1234)
+    model = create_model("dino_vits16", "timm", arch=TINY_ARCH).model
+    for p in model.parameters():  # random weights, not the constructor's seeded ones
+        p.data.normal_(0, 0.05)
+    path = tmp_path_factory.mktemp("weights") / "tiny_dino.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def steam_names() -> dict[str, str]:
+    if not SHARED_APPS.is_file():
+        pytest.skip(f"shared Steam app list not found at {SHARED_APPS}")
+    from bannermatch.steam import load_app_names
+
+    return load_app_names(SHARED_APPS)
