@@ -150,7 +150,8 @@ def make_recipe(
     if multiscale and spec.family == "beit" and source == "timm":
         raise BannermatchError("multiscale needs resizable position embeddings: use a DINO model or source 'hf'")
     if strategy == "complex":
-        embed_dim = dict(arch or {}).get("embed_dim", spec.embed_dim)
+        arch_dims = [v for k, v in (arch or {}).items() if k in ("embed_dim", "hidden_size")]
+        embed_dim = arch_dims[0] if arch_dims else spec.embed_dim
         # DINO's linear evaluation: ViT-S uses 4 blocks' CLS, ViT-B the final CLS + mean patch token.
         n_last_blocks = n_last_blocks or (4 if embed_dim < 768 else 1)
         avgpool = (embed_dim >= 768) if avgpool is None else avgpool
@@ -233,6 +234,8 @@ def load_backbone(recipe: Recipe, weights: str | Path | None = None, device=None
             + "; pass the same --weights to embed queries"
         )
     backbone = create_model(recipe.model, recipe.source, weights, dict(recipe.arch) or None, recipe.input_size())
+    if recipe.n_last_blocks > backbone.depth:
+        raise BannermatchError(f"n_last_blocks={recipe.n_last_blocks} but {recipe.model} has {backbone.depth} blocks")
     return backbone.to(resolve_device(device))
 
 
