@@ -294,6 +294,14 @@ def _atomic_write_bytes(path: Path, write) -> None:
     tmp.replace(path)
 
 
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _save_manifest(path: Path, manifest: dict) -> None:
     _atomic_write_bytes(path / MANIFEST, lambda fh: fh.write(json.dumps(manifest).encode()))
 
@@ -305,9 +313,12 @@ def _read_manifest(path: Path) -> dict:
     except FileNotFoundError:
         raise BannermatchError(f"no feature set at {path} (no {MANIFEST}); run `bannermatch embed` first") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BannermatchError(f"{file} is damaged; delete {path} and embed again") from None
+        raise BannermatchError(f"{file} is damaged (not valid JSON); delete {path} and embed again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or "recipe" not in manifest:
-        raise BannermatchError(f"{file} was written by an incompatible version; delete {path} and embed again")
+        raise BannermatchError(f"{file} is not a bannermatch manifest of this format; delete {path} and embed again")
+    if manifest.get("library") != __version__:  # features may differ between versions: never mix them
+        raise BannermatchError(f"{file} was written by bannermatch {manifest.get('library')}, this is {__version__}; "
+                               f"delete {path} (or use another --store) and embed again")
     return manifest
 
 
@@ -365,7 +376,8 @@ def extract_features(
         if old["recipe"] != manifest["recipe"]:
             raise BannermatchError(f"{path} holds features of another recipe; choose another --store")
         if old.get("fingerprint") == fingerprint and old.get("chunk_size") == chunk_size:
-            manifest["chunks"] = {c: v for c, v in old["chunks"].items() if (path / v["file"]).is_file()}
+            manifest["chunks"] = {c: v for c, v in old["chunks"].items()  # damaged chunks are recomputed
+                                  if (path / v["file"]).is_file() and file_digest(path / v["file"]) == v.get("sha256")}
         else:
             log.info("%s: the images changed since the last run; embedding again", path)
     n_chunks = math.ceil(len(source) / chunk_size)
@@ -408,6 +420,7 @@ def _write_chunk(path: Path, manifest: dict, c: int, done: dict, source: ImageSo
     _atomic_write_bytes(path / file, lambda fh: np.save(fh, feats, allow_pickle=False))
     manifest["chunks"][str(c)] = {
         "file": file,
+        "sha256": file_digest(path / file),
         "keys": [source.entries[i].key for i in order],
         "names": {source.entries[i].key: source.entries[i].name for i in order if source.entries[i].name},
         "skipped": [[source.entries[i].key, r] for i, r in sorted(done["skipped"].items())],
@@ -432,6 +445,8 @@ def load_features(path: str | Path, recipe: Recipe | None = None) -> FeatureSet:
     for c in range(n_chunks):
         info = manifest["chunks"][str(c)]
         file = path / info["file"]
+        if file.is_file() and file_digest(file) != info.get("sha256"):
+            raise BannermatchError(f"{file} was changed or damaged since it was written; delete it and run embed again")
         try:
             arr = np.load(file, allow_pickle=False)
         except (OSError, ValueError) as exc:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .errors import BannermatchError
-from .features import FeatureSet, _atomic_write_bytes, embed_images, load_backbone, resolve_device
+from .features import FeatureSet, _atomic_write_bytes, embed_images, file_digest, load_backbone, resolve_device
 from .steam import search_names
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,9 @@ class Matches:
         path = self.features.path
         _atomic_write_bytes(path / "neighbours.npy", lambda fh: np.save(fh, self.neighbours, allow_pickle=False))
         _atomic_write_bytes(path / "scores.npy", lambda fh: np.save(fh, self.scores, allow_pickle=False))
-        meta = {"k": self.k, "count": len(self.features.keys), "keys_hash": _keys_hash(self.features.keys)}
+        meta = {"k": self.k, "count": len(self.features.keys), "keys_hash": _keys_hash(self.features.keys),
+                "features": self.features.recipe.slug,
+                "sha256": {f: file_digest(path / f) for f in ("neighbours.npy", "scores.npy")}}
         _atomic_write_bytes(path / "matches.json", lambda fh: fh.write(json.dumps(meta).encode()))
         return path
 
@@ -153,13 +155,12 @@ def _load_matches(features: FeatureSet, k: int) -> Matches | None:
         meta = json.loads((path / "matches.json").read_text())
         if meta["keys_hash"] != _keys_hash(features.keys) or meta["k"] < k:
             return None
+        if any(file_digest(path / f) != digest for f, digest in meta["sha256"].items()):
+            log.warning("%s: stored matches were changed or damaged; computing them again", path)
+            return None
         nb = np.load(path / "neighbours.npy", allow_pickle=False)
         sc = np.load(path / "scores.npy", allow_pickle=False)
     except (OSError, ValueError, KeyError):
-        return None
-    if nb.shape != (len(features.keys), meta["k"]) or sc.shape != nb.shape or nb.min(initial=0) < 0 \
-            or nb.max(initial=0) >= len(features.keys):
-        log.warning("%s: stored matches are damaged; computing them again", path)
         return None
     return Matches(features, nb[:, :k].astype(np.int64), sc[:, :k].astype(np.float32))
 
