@@ -151,6 +151,26 @@ def add_core_commands(sub) -> None:
     p.set_defaults(func=cmd_show)
 
 
+def cmd_gallery(args) -> None:
+    from .gallery import write_gallery
+
+    fs = features_from_args(args)
+    index = write_gallery(fs, args.queries or None, args.out, args.k, args.images, progress=not args.quiet)
+    print(f"gallery of {len(args.queries) or len(fs.keys)} queries written; open {index}")
+
+
+def add_gallery_command(sub) -> None:
+    p = sub.add_parser("gallery", help="write a static HTML gallery of the matches")
+    p.add_argument("queries", nargs="*", help="app ids, game names or image files (default: every banner)")
+    add_recipe_options(p)
+    p.add_argument("-k", type=_positive, default=10, help="matches per query (default: %(default)s)")
+    p.add_argument("--out", default="bannermatch_data/gallery", help="output folder (default: %(default)s)")
+    p.add_argument("--images", default="local", choices=("local", "cdn"),
+                   help="local: thumbnails copied into the folder (works offline); cdn: link the Steam CDN")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_gallery)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -163,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="more logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_core_commands(sub)
+    add_gallery_command(sub)
     return parser
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .errors import BannermatchError
 from .features import FeatureSet
 from .search import Matches, QueryResult, query
 from .sources import ImageSource, SkipImage, decode_image, open_source
@@ -85,3 +86,36 @@ def _draw(ax, img, title: str) -> None:
     else:
         ax.text(0.5, 0.5, "image\nunavailable", ha="center", va="center", fontsize=8, color="grey")
     ax.set_title(title, fontsize=7)
+
+
+def compare_grid(
+    feature_sets: list[FeatureSet],
+    query_of,
+    k: int = 10,
+    save: str | Path | None = None,
+    **query_options,
+):
+    """One query's top-k under several feature sets, one row each (labelled with its recipe); returns the figure.
+
+    ``query_of`` is one app id, game name, image path/URL or PIL image; a new image is embedded with each
+    set's own recipe (pass ``weights=``/``device=`` as for :func:`query`).
+    """
+    import matplotlib.pyplot as plt
+
+    if not feature_sets:
+        raise BannermatchError("compare_grid needs at least one feature set")
+    rows = [(fs, query(fs, query_of, k=k, **query_options)[0]) for fs in feature_sets]
+    fig, axes = plt.subplots(len(rows), k + 1, figsize=(1.6 * (k + 1), 3.0 * len(rows)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for (fs, result), row in zip(rows, axes):
+        images = banner_images(fs, [key for key in [result.key, *(m for m, _ in result.matches)] if key])
+        qimg = result.image if result.image is not None else images.get(result.key)
+        _draw(row[0], qimg, f"{fs.recipe.label}\n" + _title(result.name, result.key, None))
+        for ax, (key, score) in zip(row[1:], result.matches):
+            _draw(ax, images.get(key), _title(fs.name(key), key, score))
+    fig.tight_layout()
+    if save is not None:
+        fig.savefig(save, dpi=100)
+        plt.close(fig)
+    return fig
