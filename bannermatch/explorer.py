@@ -1,0 +1,130 @@
+"""Interactive explorer (ipywidgets 8, no custom front-end code): pick a feature set, type a game, see its matches.
+
+Works in JupyterLab, Jupyter Notebook and Colab. Typing suggests game names of the chosen feature set;
+the grid re-renders in place when the game, the feature set or k changes.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+
+import ipywidgets as widgets
+
+from .errors import BannermatchError
+from .features import FeatureSet, list_feature_sets
+from .gallery import GRID_STYLE, STORE_PAGE, banner_figure, match_grid, thumbnail_data_uri
+from .search import QueryResult, query
+from .steam import normalize_name, search_names
+
+#: How suggestions are written in the combobox: "Name (appid)", so picking one names exactly one game.
+_SUGGESTION = re.compile(r"^(?P<name>.*) \((?P<key>[^()]+)\)$")
+MAX_SUGGESTIONS = 12
+MAX_K = 50
+
+
+def _suggestion(key: str, name: str) -> str:
+    return f"{name} ({key})"
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # names too long for a path, NUL characters
+        return False
+
+
+class Explorer(widgets.VBox):
+    """The explorer widget. Its parts are attributes, so code (and tests) can drive it:
+
+    ``feature_set`` (Dropdown of stored sets), ``query`` (Combobox: game name, app id, image path or URL),
+    ``k`` (IntSlider), ``status`` and ``grid`` (HTML); ``result`` is the QueryResult on show.
+    """
+
+    def __init__(self, feature_sets: list[FeatureSet], weights: str | Path | None = None, k: int = 10,
+                 device: str | None = None):
+        if not feature_sets:
+            raise BannermatchError("no feature sets to explore")
+        self.feature_sets = feature_sets
+        self.weights, self.device = weights, device
+        self.result: QueryResult | None = None
+        labels = [f"{fs.recipe.label} ({len(fs.keys)} banners)" for fs in feature_sets]
+        labels = [lab if labels.count(lab) == 1 else f"{lab} {fs.path.name}" for lab, fs in zip(labels, feature_sets)]
+        self.feature_set = widgets.Dropdown(options=list(zip(labels, range(len(feature_sets)))), description="features",
+                                            layout=widgets.Layout(width="auto"))
+        self.query = widgets.Combobox(placeholder="game name or app id", description="game", ensure_option=False,
+                                      layout=widgets.Layout(width="32em"))
+        max_k = max(1, min(MAX_K, min(len(fs.keys) for fs in feature_sets) - 1))
+        self.k = widgets.IntSlider(value=min(k, max_k), min=1, max=max_k, description="k")
+        self.status = widgets.HTML()
+        self.grid = widgets.HTML()
+        for widget in (self.feature_set, self.query, self.k):
+            widget.observe(self.refresh, names="value")
+        super().__init__([widgets.HBox([self.feature_set, self.k]), self.query, self.status, self.grid])
+        self.refresh()
+
+    @property
+    def features(self) -> FeatureSet:
+        return self.feature_sets[self.feature_set.value]
+
+    def _target(self, text: str) -> str | None:
+        """What the text names exactly: a stored key, an image path/URL, or None while it is still ambiguous."""
+        fs = self.features
+        picked = _SUGGESTION.match(text)
+        if picked and picked["key"] in fs.index_map():
+            return picked["key"]
+        if text in fs.index_map() or text.startswith(("http://", "https://")) or _is_file(text):
+            return text
+        exact = [key for key, name in search_names(fs.names, text, MAX_SUGGESTIONS)
+                 if normalize_name(name) == normalize_name(text)]
+        return exact[0] if exact else None
+
+    def refresh(self, change=None) -> None:
+        """Update the suggestions, then the grid if the text names one game (called on every change)."""
+        fs = self.features
+        text = self.query.value.strip()
+        hits = search_names(fs.names, _SUGGESTION.sub(r"\g<name>", text), MAX_SUGGESTIONS) if text else []
+        self.query.options = tuple(_suggestion(key, name) for key, name in hits)
+        target = self._target(text) if text else None
+        if target is None:
+            self.status.value = (f"{len(hits)} games match; pick one" if hits else
+                                 "no game of this feature set matches" if text else "type a game name or an app id")
+            return
+        try:
+            self.result = query(fs, target, k=self.k.value, weights=self.weights, device=self.device)[0]
+        except BannermatchError as exc:
+            self.status.value = f"<b>{html.escape(str(exc))}</b>"
+            return
+        self.status.value = html.escape(f"top-{self.k.value} of {len(fs.keys)} banners under {fs.recipe.label}")
+        self.grid.value = self._render(self.result)
+
+    def _render(self, result: QueryResult) -> str:
+        from .display import banner_images
+
+        fs = self.features
+        images = banner_images(fs, [key for key in [result.key, *(m for m, _ in result.matches)] if key])
+
+        def figure(key, name, score=None, image=None):
+            image = image if image is not None else images.get(key)
+            href = STORE_PAGE.format(key) if key and key.isdigit() else None
+            return banner_figure(thumbnail_data_uri(image) if image is not None else None, name, key, score, href)
+
+        query_fig = figure(result.key, result.name, image=result.image)
+        grid = "".join(figure(key, fs.name(key), score) for key, score in result.matches)
+        return f"<style>{GRID_STYLE}</style>{match_grid(query_fig, grid)}"
+
+
+def explore(store: str | Path = "bannermatch_data/features", weights: str | Path | None = None,
+            game: str | None = None, k: int = 10, device: str | None = None) -> Explorer:
+    """The explorer over every feature set in ``store``; display it (last line of a notebook cell).
+
+    ``game``: a first query to show. ``weights``: the local weights the features were made with, needed only to embed image queries.
+    """
+    feature_sets = list_feature_sets(store)
+    if not feature_sets:
+        raise BannermatchError(f"no feature sets in {store}; run `bannermatch embed` (or the notebook) first")
+    explorer = Explorer(feature_sets, weights, k, device)
+    if game:
+        explorer.query.value = game
+    return explorer
