@@ -151,6 +151,48 @@ def add_core_commands(sub) -> None:
     p.set_defaults(func=cmd_show)
 
 
+def cmd_evaluate(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .evaluate import compare, recipe_grid
+
+    recipes = recipe_grid(args.models, args.strategies, args.preprocess, (False, True) if args.multiscale else (False,),
+                          source=args.source, weights=args.weights, dtype=args.dtype, device=args.device, arch=args.arch)
+    result = compare(args.images, recipes, args.store, args.weights, args.device, args.k, args.queries, args.seed,
+                     args.transforms, progress=not args.quiet)
+    paths = result.save(args.out)
+    print(result.to_markdown())
+    print(f"saved {paths['csv']}, {paths['md']} and {paths['png']}")
+
+
+def add_evaluate_command(sub) -> None:
+    from .evaluate import TRANSFORMS
+    from .features import DTYPES, PREPROCESSING, STRATEGIES
+    from .models import SOURCES, list_models
+
+    p = sub.add_parser("evaluate", help="compare settings: copy detection, franchise precision@k, agreement")
+    p.add_argument("images", nargs="?", default=DEFAULT_IMAGES, help="the banner collection (default: %(default)s)")
+    g = p.add_argument_group("grid of settings (every combination is evaluated)")
+    g.add_argument("--models", nargs="+", default=["dino_vitb16"], choices=[m.name for m in list_models()], metavar="NAME")
+    g.add_argument("--strategies", nargs="+", default=["simple"], choices=STRATEGIES)
+    g.add_argument("--preprocess", nargs="+", default=["crop"], choices=PREPROCESSING)
+    g.add_argument("--multiscale", action="store_true", help="evaluate every setting also with multi-scale features")
+    g.add_argument("--source", choices=SOURCES, help="where the models come from (default: each model's first)")
+    g.add_argument("--weights", metavar="PATH", help="local weights (one model only)")
+    g.add_argument("--dtype", default="auto", choices=DTYPES)
+    g.add_argument("--arch", type=_arch, default=None, metavar="K=V,...", help="architecture overrides (tiny test models)")
+    p.add_argument("-k", type=_positive, default=10, help="neighbours for recall, precision and overlap (default: %(default)s)")
+    p.add_argument("--queries", type=_positive, default=200, help="banners sampled for copy detection (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sample and edit seed (default: %(default)s)")
+    p.add_argument("--transforms", nargs="+", choices=list(TRANSFORMS), help="copy edits (default: all)")
+    p.add_argument("--out", default="bannermatch_data/evaluation", help="folder for results.csv/.md/.png (default: %(default)s)")
+    p.add_argument("--store", default=DEFAULT_STORE, help="feature store folder (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: GPU if any)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate)
+
+
 def cmd_gallery(args) -> None:
     from .gallery import write_gallery
 
@@ -184,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_core_commands(sub)
     add_gallery_command(sub)
+    add_evaluate_command(sub)
     return parser
 
 
