@@ -137,6 +137,7 @@ TRANSFORMS: dict[str, Callable[[Image.Image, np.random.Generator], Image.Image]]
 
 def transformed_copy(img: Image.Image, transform: str, seed: int, key: str) -> Image.Image:
     """The ``transform`` of one banner, the same on every run for the same (seed, key, transform)."""
+    _check_transforms([transform])
     rng = np.random.default_rng([seed, zlib.crc32(key.encode()), list(TRANSFORMS).index(transform)])
     return TRANSFORMS[transform](img.convert("RGB"), rng)
 

@@ -14,7 +14,7 @@ from bannermatch import evaluate, features
 from bannermatch.cli import main
 from bannermatch.errors import BannermatchError
 from bannermatch.evaluate import (TRANSFORMS, compare, copy_detection, franchise_groups, franchise_precision,
-                                  franchise_stem, overlap_at_k, transformed_copy)
+                                  franchise_stem, overlap_at_k, recipe_grid, transformed_copy)
 from bannermatch.features import make_recipe
 
 from conftest import APPS, TINY_ARCH, draw_banner
@@ -87,6 +87,8 @@ def test_random_transforms_depend_on_seed_and_key():
 
 
 def test_unknown_transform_is_a_clear_error(banner_dir, tiny_weights, tmp_path):
+    with pytest.raises(BannermatchError, match="unknown transform sepia"):
+        transformed_copy(draw_banner(0), "sepia", seed=0, key="10")
     recipe = make_recipe("dino_vits16", weights=tiny_weights, arch=TINY_ARCH, dtype="float32")
     with pytest.raises(BannermatchError, match="unknown transform"):
         compare(banner_dir, [recipe], tmp_path, tiny_weights, "cpu", transforms=["sepia"], progress=False)
@@ -162,6 +164,18 @@ def test_overlap_at_k():
 
 
 # ------------------------------------------------------------------------------------------ end to end
+
+def test_recipe_grid_is_the_product_and_skips_impossible_settings(caplog):
+    grid = recipe_grid(["dino_vits16", "beit_base_pt22k_ft22k"], ["simple", "mean"], ["crop"], (False, True),
+                       source="timm", dtype="float32")
+    labels = [r.label for r in grid]
+    assert len(grid) == 6  # 2 strategies x (DINO with and without multiscale + timm BEiT without)
+    assert "dino_vits16 mean+multiscale crop" in labels and "beit_base_pt22k_ft22k simple crop" in labels
+    assert not any(r.model.startswith("beit") and r.multiscale for r in grid)
+    assert "skipped beit_base_pt22k_ft22k simple crop multiscale" in caplog.text
+    with pytest.raises(BannermatchError, match="unknown strategy"):
+        recipe_grid(["dino_vits16"], ["best"])
+
 
 def test_compare_two_tiny_recipes_then_reuse_everything(banner_dir, tiny_weights, tmp_path, monkeypatch):
     recipes = [make_recipe("dino_vits16", strategy, weights=tiny_weights, arch=TINY_ARCH, dtype="float32")
