@@ -91,7 +91,7 @@ def cmd_embed(args) -> None:
 
     recipe = recipe_from_args(args)
     fs = extract_features(args.images, recipe, args.store, args.weights, args.device, args.batch_size,
-                          args.workers, progress=not args.quiet)
+                          args.workers, args.chunk_size, progress=not args.quiet)
     print(f"{len(fs.keys)} banners embedded ({fs.features.shape[1]}-d) in {fs.path}"
           + (f"; {len(fs.skipped)} skipped (listed in {fs.path / 'manifest.json'})" if fs.skipped else ""))
 
@@ -132,6 +132,7 @@ def add_core_commands(sub) -> None:
     add_recipe_options(p)
     p.add_argument("--batch-size", type=_positive, default=64)
     p.add_argument("--workers", type=int, help="image decoding processes (default: up to 4)")
+    p.add_argument("--chunk-size", type=_positive, default=2048, help="images per saved chunk: the unit of resuming")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_embed)
 
@@ -213,17 +214,24 @@ def add_gallery_command(sub) -> None:
     p.set_defaults(func=cmd_gallery)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line, like every other error of the tool."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bannermatch",
         description="Find Steam games whose banners look alike, with DINO / BEiT / DINOv2 features.",
         epilog="Typical run: bannermatch download; bannermatch embed; bannermatch match; bannermatch show 'Euro Truck Simulator 2'",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="more logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     add_core_commands(sub)
     add_gallery_command(sub)
     add_evaluate_command(sub)

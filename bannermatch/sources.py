@@ -305,7 +305,11 @@ def open_source(path: str | Path) -> ImageSource:
             source: ImageSource = TarSource(path, entries, report)
         else:
             for p in sorted(path.rglob("*")):
-                if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.is_symlink():
+                if p.suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                if p.is_symlink():  # may point anywhere: never followed
+                    report.skip(str(p.relative_to(path)), "symbolic link")
+                elif p.is_file():
                     _add(entries, seen, Entry(p.stem, str(p), "", p.stat().st_size), report)
             source = FolderSource(path, entries, report)
         names_file = path / APP_NAMES_FILE
