@@ -214,6 +214,47 @@ def add_gallery_command(sub) -> None:
     p.set_defaults(func=cmd_gallery)
 
 
+def cmd_download(args) -> None:
+    from .download import download_banners, fetch_archive
+    from .steam import APP_NAMES_FILE, load_app_names, save_app_names
+
+    if args.archive:
+        if args.appids:
+            raise BannermatchError("--archive downloads the whole earlier release; it takes no --appids")
+        path = fetch_archive(args.archive, args.output_dir, progress=not args.quiet)
+        if args.app_list:
+            save_app_names(load_app_names(args.app_list), path.parent / APP_NAMES_FILE)
+        print(f"archive ready: {path}; embed it with `bannermatch embed {path}`")
+        return
+    report = download_banners(args.output_dir, args.app_list, args.appids, args.host, args.processes, args.threads,
+                              args.distributor, args.timeout, args.retries, progress=not args.quiet)
+    print(report.summary())
+
+
+def add_download_command(sub) -> None:
+    from .download import DISTRIBUTORS
+    from .steam import API_KEY_ENV, STEAM_CDN
+
+    p = sub.add_parser("download", help="download Steam's vertical banners into webdataset shards (img2dataset)",
+                       epilog=f"Without --app-list/--appids the list comes from the Steam Web API (set {API_KEY_ENV} "
+                              "if ISteamApps/GetAppList/v2 is gone), or from the folder's saved list when resuming.")
+    p.add_argument("output_dir", nargs="?", default=DEFAULT_IMAGES, help="shard folder (default: %(default)s)")
+    apps = p.add_mutually_exclusive_group()
+    apps.add_argument("--app-list", metavar="FILE", help="{appid: name} JSON, or a saved GetAppList answer")
+    apps.add_argument("--appids", nargs="+", metavar="ID", help="just these app ids")
+    p.add_argument("--host", default=STEAM_CDN, help="CDN serving /steam/apps/ID/library_600x900.jpg (default: %(default)s)")
+    p.add_argument("--processes", type=_positive, help="download processes (default: CPU count, at most 4)")
+    p.add_argument("--threads", type=_positive, help="threads per process (default: 32)")
+    p.add_argument("--distributor", default="multiprocessing", choices=DISTRIBUTORS,
+                   help="multiprocessing on one machine; pyspark or ray on a cluster (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=10, help="seconds per request (default: %(default)s)")
+    p.add_argument("--retries", type=int, default=2, help="extra attempts per failed banner (default: %(default)s)")
+    p.add_argument("--archive", metavar="URL|PATH",
+                   help="instead: fetch the earlier release resized_vertical_steam_banners_v2.tar.gz (resumable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_download)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors on one line, like every other error of the tool."""
 
@@ -233,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="more logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     add_core_commands(sub)
+    add_download_command(sub)
     add_gallery_command(sub)
     add_evaluate_command(sub)
     return parser

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
+import socket
 import unicodedata
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from .errors import BannermatchError
@@ -15,6 +21,17 @@ STEAM_CDN = "https://shared.akamai.steamstatic.com/store_item_assets"
 VERTICAL_BANNER = "library_600x900.jpg"
 
 APP_NAMES_FILE = "apps.json"
+
+#: The Steam Web API; ``fetch_app_list`` reads this at call time, so tests can point it at a local server.
+STEAM_API = "https://api.steampowered.com"
+#: Environment variable holding a Steam Web API key, for ``IStoreService/GetAppList``.
+API_KEY_ENV = "STEAM_API_KEY"
+#: What to tell users when Steam cannot be reached.
+OFFLINE_OPTIONS = ("work offline with --app-list FILE (e.g. ../shared/steam/vertical_banner_apps_2021.json) "
+                   "plus a reachable --host, --archive PATH, or point `bannermatch embed` at a local folder of banners")
+_USER_AGENT = "bannermatch (Steam banner similarity research)"
+
+log = logging.getLogger(__name__)
 
 
 def banner_url(appid: str | int, host: str = STEAM_CDN, filename: str = VERTICAL_BANNER) -> str:
@@ -63,6 +80,75 @@ def save_app_names(names: dict[str, str], path: str | Path) -> Path:
     tmp.write_text(json.dumps(names, ensure_ascii=False, indent=0, sort_keys=False), encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+class NetworkUnreachable(BannermatchError):
+    """No answer from a host (no DNS, connection refused, timed out): the message names the offline options."""
+
+    def __init__(self, what: str, exc: BaseException):
+        super().__init__(f"cannot reach {what} ({getattr(exc, 'reason', exc)}); "
+                         f"the network seems unreachable: {OFFLINE_OPTIONS}")
+
+
+def http_get_json(url: str, timeout: float = 10) -> object:
+    """GET a JSON document. HTTP errors propagate as ``urllib.error.HTTPError``; no connection is a BannermatchError."""
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT, "Accept": "application/json"})
+    shown = re.sub(r"key=[^&]+", "key=***", url)  # never print the user's API key
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read()
+    except urllib.error.HTTPError:
+        raise
+    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as exc:
+        raise NetworkUnreachable(shown, exc) from None
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BannermatchError(f"{shown} did not return JSON ({exc})") from None
+
+
+def fetch_app_list(api: str | None = None, key: str | None = None, timeout: float = 10) -> dict[str, str]:
+    """Every Steam app with a name, ``{appid: name}``, from the Steam Web API.
+
+    Tries ``ISteamApps/GetAppList/v2`` (no key needed); when Steam no longer serves it, pages through
+    ``IStoreService/GetAppList/v1`` (games only) with ``key`` or the ``STEAM_API_KEY`` environment variable.
+    Apps with a blank name (placeholders) are left out.
+    """
+    api = (api or STEAM_API).rstrip("/")
+    key = key or os.environ.get(API_KEY_ENV)
+    try:
+        names = parse_app_list(http_get_json(f"{api}/ISteamApps/GetAppList/v2/", timeout))
+        unavailable = "it returned no apps" if not names else ""
+    except NetworkUnreachable:
+        raise
+    except (urllib.error.HTTPError, BannermatchError) as exc:  # gone, or answering something else than an app list
+        names, unavailable = {}, (f"HTTP {exc.code}" if isinstance(exc, urllib.error.HTTPError) else str(exc))
+    if unavailable:
+        if not key:
+            raise BannermatchError(f"Steam's ISteamApps/GetAppList/v2 is unavailable ({unavailable}); set {API_KEY_ENV} "
+                                   "to use IStoreService/GetAppList instead, or pass --app-list FILE")
+        log.info("ISteamApps/GetAppList/v2 unavailable (%s); using IStoreService/GetAppList", unavailable)
+        names = _fetch_store_app_list(api, key, timeout)
+    return {appid: name for appid, name in names.items() if name.strip()}
+
+
+def _fetch_store_app_list(api: str, key: str, timeout: float) -> dict[str, str]:
+    names: dict[str, str] = {}
+    last_appid = 0
+    while True:
+        query = urllib.parse.urlencode({"key": key, "include_games": "true", "max_results": 50000, "last_appid": last_appid})
+        try:
+            page = http_get_json(f"{api}/IStoreService/GetAppList/v1/?{query}", timeout)
+        except urllib.error.HTTPError as exc:
+            hint = " (is the key valid?)" if exc.code in (401, 403) else ""
+            raise BannermatchError(f"Steam's IStoreService/GetAppList failed: HTTP {exc.code}{hint}") from None
+        response = page.get("response") if isinstance(page, dict) else None
+        if not isinstance(response, dict):
+            raise BannermatchError("Steam's IStoreService/GetAppList returned an unexpected document")
+        names.update(parse_app_list(response.get("apps", [])))
+        if not response.get("have_more_results"):
+            return names
+        last_appid = int(response["last_appid"])
 
 
 def normalize_name(name: str) -> str:
