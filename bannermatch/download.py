@@ -320,7 +320,7 @@ def fetch_archive(url_or_path, dest_dir, *, timeout: float = 30, attempts: int =
             raise BannermatchError(f"archive not found: {path}")
         return path
     name = Path(urllib.parse.unquote(urllib.parse.urlparse(text).path)).name  # a bare file name: no traversal
-    if not name:
+    if name in ("", ".", ".."):
         raise BannermatchError(f"cannot tell the archive's file name from {text}")
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)

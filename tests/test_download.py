@@ -215,6 +215,7 @@ def test_download_writes_shards_report_and_resumes(tmp_path, cdn, monkeypatch):
     assert report.failures == {"Image decoding error": 2, "timed out": 1}
     assert report.new_downloads == 6 and report.images_per_second > 0
     assert json.loads((out / REPORT_FILE).read_text()) == report.to_dict()
+    assert not list(out.glob("*.aside")) and not (out / "_tmp").exists()
     assert steam.load_app_names(out / steam.APP_NAMES_FILE) == apps
     table = pq.read_table(out / URL_TABLE)
     assert str(table.schema.field("appid").type) == "string"
@@ -237,6 +238,7 @@ def test_download_writes_shards_report_and_resumes(tmp_path, cdn, monkeypatch):
     assert requested_again == set(shard_1)
     assert (resumed.downloaded, resumed.shards, resumed.new_downloads) == (6, 3, sum(a in GOOD for a in shard_1))
     assert sorted(open_source(out).keys, key=int) == sorted(GOOD, key=int)
+    assert steam.load_app_names(out / steam.APP_NAMES_FILE) == apps  # set aside while img2dataset ran, then back
 
     with pytest.raises(BannermatchError, match="another URL list"):
         download_banners(out, appids=["10"], **run)
@@ -270,13 +272,13 @@ def archive_bytes():
     return buf.getvalue()
 
 
-def ranged_file(body: bytes, cut_first_at: int | None = None):
+def ranged_file(body: bytes, cut_first_at: int | None = None, honour_range: bool = True):
     """Serves ``body`` with Range support; the first full answer stops after ``cut_first_at`` bytes."""
     cuts = [cut_first_at] if cut_first_at else []
 
     def handle(handler):
         start = 0
-        if "Range" in handler.headers:
+        if "Range" in handler.headers and honour_range:
             start = int(handler.headers["Range"].removeprefix("bytes=").split("-")[0])
             handler.send_response(206)
             handler.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
@@ -305,12 +307,13 @@ def test_archive_download_resumes_with_range_after_a_cut(tmp_path, archive_bytes
     assert fetch_archive(path, tmp_path / "unused") == path  # a local archive is read in place
 
 
-def test_archive_download_continues_a_part_file_from_an_earlier_process(tmp_path, archive_bytes):
+@pytest.mark.parametrize("honour_range", [True, False])
+def test_archive_download_continues_a_part_file_from_an_earlier_process(tmp_path, archive_bytes, honour_range):
     (tmp_path / "banners.tar.gz.part").write_bytes(archive_bytes[:1000])
-    with serve({"/banners.tar.gz": ranged_file(archive_bytes)}) as server:
+    with serve({"/banners.tar.gz": ranged_file(archive_bytes, honour_range=honour_range)}) as server:
         path = fetch_archive(f"{server.url}/banners.tar.gz", tmp_path, progress=False)
         assert [r[2].get("Range") for r in server.gets()] == ["bytes=1000-"]
-    assert path.read_bytes() == archive_bytes
+    assert path.read_bytes() == archive_bytes  # appended to the .part, or restarted when the server ignores Range
 
 
 def test_archive_errors_are_one_line(tmp_path):
@@ -319,3 +322,16 @@ def test_archive_errors_are_one_line(tmp_path):
             fetch_archive(f"{server.url}/nothing.tar.gz", tmp_path, progress=False)
     with pytest.raises(BannermatchError, match="archive not found"):
         fetch_archive(tmp_path / "missing.tar.gz", tmp_path)
+
+
+def test_cli_archive_with_names(tmp_path, archive_bytes, capsys):
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"10": "Counter-Strike", "70": "Half-Life", "220": "Half-Life 2"}))
+    out = tmp_path / "banners"
+    with serve({"/v2/resized_vertical_steam_banners_v2.tar.gz": ranged_file(archive_bytes)}) as server:
+        url = f"{server.url}/v2/resized_vertical_steam_banners_v2.tar.gz"
+        assert main(["download", str(out), "--archive", url, "--app-list", str(names), "--quiet"]) == 0
+    assert "archive ready" in capsys.readouterr().out
+    source = open_source(out)  # the archive inside the default banner folder is found by `embed` as is
+    assert source.names == {"10": "Counter-Strike", "70": "Half-Life", "220": "Half-Life 2"}
+    assert main(["download", str(out), "--archive", url, "--appids", "10"]) == 2
