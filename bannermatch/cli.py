@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import BannermatchError
+from .steam import STEAM_CDN
 
 log = logging.getLogger("bannermatch")
 
@@ -104,22 +105,43 @@ def cmd_match(args) -> None:
     print(f"top-{args.k} matches of {len(fs.keys)} banners saved in {m.save()}/neighbours.npy and scores.npy")
 
 
-def cmd_show(args) -> None:
+def _print_and_draw(fs, queries, k, out, weights=None, device=None, matches=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     from .display import show_matches
     from .search import query
 
-    fs = features_from_args(args)
-    results = query(fs, args.queries, k=args.k, weights=args.weights, device=args.device)
+    results = query(fs, queries, k=k, weights=weights, device=device, matches=matches)
     for r in results:
         print(f"{r.name or r.key} ({r.key or 'new image'}):")
         for key, score in r.matches:
             print(f"  {score:.3f}  {key:>8}  {fs.name(key)}")
-    if args.out:
-        show_matches(fs, args.queries, k=args.k, results=results, save=args.out)
-        print(f"grid saved to {args.out}")
+    if out:
+        show_matches(fs, queries, k=k, results=results, save=out)
+        print(f"grid saved to {out}")
+
+
+def cmd_show(args) -> None:
+    _print_and_draw(features_from_args(args), args.queries, args.k, args.out, args.weights, args.device)
+
+
+def cmd_run(args) -> None:
+    """The main job: banners (downloaded if absent), features, matches, and the example query's grid."""
+    from .features import extract_features
+    from .search import find_matches
+
+    from .download import URL_TABLE, download_banners
+
+    images = Path(args.images)
+    # a download folder is always resumed (a no-op once complete); an empty or missing one is filled
+    if not images.exists() or (images / URL_TABLE).exists() or (images.is_dir() and not any(images.iterdir())):
+        print(download_banners(images, args.app_list, host=args.host, progress=not args.quiet).summary())
+    fs = extract_features(args.images, recipe_from_args(args), args.store, args.weights, args.device,
+                          progress=not args.quiet)
+    matches = find_matches(fs, args.k, args.device)
+    print(f"top-{args.k} matches of {len(fs.keys)} banners saved in {fs.path}")
+    _print_and_draw(fs, args.queries, args.k, args.out, args.weights, args.device, matches)
 
 
 def add_core_commands(sub) -> None:
@@ -143,6 +165,19 @@ def add_core_commands(sub) -> None:
                    help="bfloat16: faster search, candidates rescored in float32")
     p.add_argument("--backend", default="torch", choices=("torch", "faiss"))
     p.set_defaults(func=cmd_match)
+
+    p = sub.add_parser("run", help="the whole default pipeline: download, embed, match, show an example",
+                       description="Download the banners (unless --images exists), embed them, match them all and "
+                                   "draw the top-k of the queries. Offline: --images PATH and --weights PATH.")
+    p.add_argument("--images", default=DEFAULT_IMAGES, help="banners; downloaded here if absent (default: %(default)s)")
+    p.add_argument("--app-list", metavar="FILE", help="games to download (default: the Steam Web API's list)")
+    p.add_argument("--host", default=STEAM_CDN, help="banner CDN for the download (default: %(default)s)")
+    add_recipe_options(p)
+    p.add_argument("-k", type=_positive, default=10, help="neighbours per banner (default: %(default)s)")
+    p.add_argument("--queries", nargs="+", default=[EXAMPLE_QUERY], help="what to show (default: %(default)s, Euro Truck Simulator 2)")
+    p.add_argument("--out", default="bannermatch_data/matches.png", metavar="PNG", help="grid image (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("show", help="print and draw the top-k matches of some queries")
     p.add_argument("queries", nargs="+", help="app ids, game names, image files or URLs")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -236,6 +238,24 @@ class HFBeit(Backbone):
         return [self.model.layernorm(h) for h in out.hidden_states[-n_last:]]
 
 
+def _require_host(host: str, cached: bool) -> None:
+    """Fail at once, in one line, when published weights are not cached and their host cannot be reached
+    (the download libraries would otherwise retry for about a minute)."""
+    if cached or os.environ.get("HF_HUB_OFFLINE"):
+        return
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as exc:
+        raise BannermatchError(f"cannot reach {host} to download the model weights ({exc.__class__.__name__}); "
+                               "offline, pass --weights PATH (a local .pth/.safetensors, or a HF model folder)") from None
+
+
+def _in_hf_cache(repo_id: str, filenames: tuple[str, ...]) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in filenames)
+
+
 def _create_timm(spec, weights, arch, img_size) -> Backbone:
     import timm
 
@@ -250,6 +270,9 @@ def _create_timm(spec, weights, arch, img_size) -> Backbone:
             raise BannermatchError(f"{weights} is a folder; timm weights are one .pth/.safetensors file")
     else:
         kwargs["pretrained"] = not arch  # an architecture override has no published weights
+        if kwargs["pretrained"]:
+            hf_id = f"timm/{spec.timm_name}"
+            _require_host("huggingface.co", _in_hf_cache(hf_id, ("model.safetensors", "pytorch_model.bin")))
     try:
         model = timm.create_model(spec.timm_name, **kwargs)
     except RuntimeError as exc:
@@ -262,6 +285,10 @@ def _create_hub(spec, weights, arch, img_size) -> Backbone:
     source = "github"
     if Path(repo).is_dir():
         source = "local"
+    if source == "github":
+        owner, name_ref = repo.split("/")
+        checkout = Path(torch.hub.get_dir()) / f"{owner}_{name_ref.replace(':', '_')}"
+        _require_host("github.com", checkout.is_dir())
     model = torch.hub.load(repo, entry, source=source, pretrained=weights is None, trust_repo=True, **(arch or {}))
     if weights is not None:
         missing, unexpected = model.load_state_dict(load_state_dict(weights), strict=False)
@@ -279,6 +306,8 @@ def _create_hf(spec, weights, arch, img_size) -> Backbone:
     if arch:
         model = BeitModel(BeitConfig(**arch))
     else:
+        if weights is None:
+            _require_host("huggingface.co", _in_hf_cache(spec.hf_name, ("config.json",)))
         model = BeitModel.from_pretrained(where, add_pooling_layer=True, attn_implementation="sdpa")
     return HFBeit(spec, model, model.config.hidden_size, model.config.num_hidden_layers)
 

@@ -299,7 +299,7 @@ def test_kill_during_embed_and_match_then_resume_gives_identical_results(many_ba
 
 @pytest.mark.parametrize("args,message", [
     (["embed", "{banners}", "--model", "dino_vitz16"], "invalid choice: 'dino_vitz16'"),
-    (["embed", "{banners}", "--strategy", "fancy"], "invalid choice: 'fancy' (choose from simple, complex, gem, mean)"),
+    (["embed", "{banners}", "--strategy", "fancy"], "invalid choice: 'fancy' (choose from"),
     (["embed", "{tmp}/missing"], "no such file or folder"),
     (["embed", "{tmp}/empty"], "no images found"),
     (["show", "227300", "--store", "{tmp}/nostore"], "run `bannermatch embed` first"),
