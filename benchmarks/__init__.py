@@ -1,0 +1,1 @@
+"""Performance benchmarks for bannermatch: ``python -m benchmarks --help``."""

@@ -1,0 +1,322 @@
+"""One command, one run, one table: embedding (end to end vs an original-style pipeline vs the model alone)
+and all-vs-all exact top-k search (ours fp32 / bf16 vs faiss IndexFlatIP vs the full N x N matrix).
+
+Timings on a shared machine are noisy, so the compared pipelines run interleaved, ``--repeats`` times each,
+on the same data, and the table gives the best and the median throughput and ratios of the best.
+Each search method runs in its own subprocess so that its peak memory (Linux ``VmHWM``, reset just before the
+search) is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {"vits16": "dino_vits16", "vitb16": "dino_vitb16"}
+SEARCH_METHODS = ("ours fp32", "ours bf16", "faiss IndexFlatIP", "full N x N matrix")
+
+
+def _draw_banner():
+    """The test suite's synthetic banner drawer (tests/conftest.py), so benchmarks and tests see the same images."""
+    spec = importlib.util.spec_from_file_location("_bannermatch_test_fixtures", ROOT / "tests" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.draw_banner
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize()
+
+
+def _reset_peak_rss() -> None:
+    """Linux: make the peak resident set size (VmHWM) start again from the current one."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+
+
+# ------------------------------------------------------------------------------------------ embedding
+
+def make_banners(folder: Path, n: int) -> Path:
+    draw = _draw_banner()
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        draw(i).save(folder / f"{100000 + i}.jpg", quality=90)
+    return folder
+
+
+def random_checkpoint(model: str, folder: Path) -> Path:
+    """Random weights of the real architecture (no download): timm builds it without pretrained weights when
+    given an architecture override, here the architecture's own depth."""
+    from bannermatch.models import create_model
+
+    depth = 12  # ViT-S/16 and ViT-B/16 both have 12 blocks
+    path = folder / f"{model}_random.pth"
+    torch.save(create_model(model, "timm", arch={"depth": depth}).model.state_dict(), path)
+    return path
+
+
+def original_pipeline(images: list[Path], model: str, weights: Path, out: Path) -> None:
+    """The original notebooks' way: PIL per image, Resize(256) + CenterCrop(224), fp32, batch size 1, eager attention."""
+    from PIL import Image
+    from torchvision import transforms as T1
+
+    from bannermatch.features import load_backbone, make_recipe
+
+    recipe = make_recipe(model, weights=weights, dtype="float32", device="cpu")
+    backbone = load_backbone(recipe, weights, "cpu")
+    for blk in backbone.model.blocks:
+        blk.attn.fused_attn = False
+    transform = T1.Compose([T1.Resize(256, interpolation=T1.InterpolationMode.BICUBIC), T1.CenterCrop(224),
+                            T1.ToTensor(), T1.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    feats = []
+    with torch.inference_mode():
+        for path in images:
+            x = transform(Image.open(path).convert("RGB"))[None]
+            feats.append(torch.nn.functional.normalize(backbone(x)[-1][:, 0], dim=-1)[0].numpy())
+    np.save(out, np.stack(feats), allow_pickle=False)
+
+
+def model_only(backbone, recipe, batch_size: int, n: int) -> None:
+    """The model (and pooling) alone on already preprocessed batches: the ceiling for the whole pipeline."""
+    from bannermatch.features import compute_features
+
+    x = torch.randn(batch_size, 3, *recipe.input_size())
+    for _ in range(0, n, batch_size):
+        compute_features(backbone, x, recipe)
+
+
+def bench_embedding(args, tmp: Path) -> list[dict]:
+    from bannermatch.features import extract_features, load_backbone, make_recipe
+
+    folder = make_banners(tmp / "banners", args.images)
+    images = sorted(folder.glob("*.jpg"))
+    baseline_images = images[:args.baseline_images]
+    rows = []
+    for short in args.models:
+        model = MODELS[short]
+        weights = random_checkpoint(model, tmp)
+        recipe = make_recipe(model, weights=weights, dtype="auto", device="cpu")
+        fp32 = make_recipe(model, weights=weights, dtype="float32", device="cpu")
+        backbone = {r.dtype: load_backbone(r, weights, "cpu") for r in (recipe, fp32)}
+        runs: dict[str, tuple[int, object]] = {
+            "original-style (PIL, fp32, batch 1, eager attention)":
+                (len(baseline_images), lambda: original_pipeline(baseline_images, model, weights, tmp / "orig.npy")),
+        }
+        for w in args.workers:
+            runs[f"bannermatch extract_features ({recipe.dtype}, batch {args.batch_size}, workers={w})"] = (
+                len(images), lambda w=w: extract_features(folder, recipe, tempfile.mkdtemp(dir=tmp), weights, "cpu",
+                                                         args.batch_size, w, progress=False))
+        runs[f"model only ({recipe.dtype}, batch {args.batch_size})"] = (
+            len(images), lambda: model_only(backbone[recipe.dtype], recipe, args.batch_size, len(images)))
+        if recipe.dtype != "float32":
+            runs[f"model only (float32, batch {args.batch_size})"] = (
+                len(images), lambda: model_only(backbone["float32"], fp32, args.batch_size, len(images)))
+        runs[f"model only ({recipe.dtype}, batch {args.batch_size}, eager attention)"] = (
+            len(images), lambda: _eager(backbone[recipe.dtype], lambda: model_only(backbone[recipe.dtype], recipe,
+                                                                                   args.batch_size, len(images))))
+        rates = {name: [] for name in runs}
+        for rep in range(args.repeats):  # interleaved: every pipeline sees the same share of the machine's load
+            for name, (n, fn) in runs.items():
+                start = time.perf_counter()
+                fn()
+                rates[name].append(n / (time.perf_counter() - start))
+                print(f"  [{short} repeat {rep + 1}/{args.repeats}] {name}: {rates[name][-1]:.1f} img/s", file=sys.stderr)
+        for name, r in rates.items():
+            rows.append({"model": model, "pipeline": name, "best": max(r), "median": statistics.median(r)})
+    return rows
+
+
+def _eager(backbone, fn):
+    blocks = backbone.model.blocks
+    saved = [blk.attn.fused_attn for blk in blocks]
+    for blk in blocks:
+        blk.attn.fused_attn = False
+    try:
+        fn()
+    finally:
+        for blk, fused in zip(blocks, saved):
+            blk.attn.fused_attn = fused
+
+
+def print_embedding(rows: list[dict]) -> None:
+    print("\n## Embedding throughput (images/s; best and median of the interleaved repeats)\n")
+    print("| model | pipeline | best img/s | median img/s | vs original-style | vs model only |")
+    print("|---|---|---:|---:|---:|---:|")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        original = next(r["best"] for r in mine if r["pipeline"].startswith("original"))
+        ceiling = next(r["best"] for r in mine if r["pipeline"].startswith("model only"))
+        for r in mine:
+            end_to_end = not r["pipeline"].startswith("model only")
+            print(f"| {model} | {r['pipeline']} | {r['best']:.1f} | {r['median']:.1f} | {r['best'] / original:.2f}x | "
+                  + (f"{r['best'] / ceiling:.0%} |" if end_to_end else "— |"))
+
+
+# ------------------------------------------------------------------------------------------ search
+
+def clustered_features(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """Unit vectors in clusters (as game series and genres cluster), so neighbours are meaningful and close."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(1, n // 20), d), dtype=np.float32)
+    x = centres[rng.integers(0, len(centres), n)] + 0.6 * rng.standard_normal((n, d), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def search_worker(method: str, features_file: str, k: int, out_file: str) -> None:
+    """Run one search method in this (fresh) process; print seconds and peak extra memory as JSON."""
+    from bannermatch.search import top_k, top_k_faiss
+
+    x = np.load(features_file, allow_pickle=False)
+    exclude = np.arange(len(x))
+    fns = {
+        "ours fp32": lambda q, db, ex: top_k(q, db, k, ex, "cpu", "float32"),
+        "ours bf16": lambda q, db, ex: top_k(q, db, k, ex, "cpu", "bfloat16"),
+        "faiss IndexFlatIP": lambda q, db, ex: top_k_faiss(q, db, k, ex),
+        "full N x N matrix": lambda q, db, ex: _full_matrix(q, db, k, ex),
+    }
+    fn = fns[method]
+    fn(x[:64], x[:256], exclude[:64])  # warm up libraries and thread pools outside the measurement
+    _reset_peak_rss()  # the peak of loading the libraries and the data is not the search's
+    before = _rss_bytes()
+    start = time.perf_counter()
+    idx, _ = fn(x, x, exclude)
+    seconds = time.perf_counter() - start
+    np.save(out_file, idx, allow_pickle=False)
+    print(json.dumps({"seconds": seconds, "extra_bytes": max(0, _peak_rss_bytes() - before)}))
+
+
+def _full_matrix(q, db, k, exclude):
+    sims = torch.from_numpy(q) @ torch.from_numpy(db).T
+    sims[torch.arange(len(q)), torch.from_numpy(exclude)] = -torch.inf
+    vals, idx = torch.topk(sims, k, dim=1)
+    return idx.numpy(), vals.numpy()
+
+
+def bench_search(args, tmp: Path) -> list[dict]:
+    rows = []
+    for d in args.dims:
+        features_file = tmp / f"features_{d}.npy"
+        np.save(features_file, clustered_features(args.search_n, d), allow_pickle=False)
+        results: dict[str, dict] = {}
+        for rep in range(args.search_repeats):  # interleaved, like the embedding runs; the fastest run counts
+            for method in args.search_methods:
+                out = tmp / f"idx_{d}_{args.search_methods.index(method)}.npy"
+                cmd = [sys.executable, "-m", "benchmarks.run", "--search-worker", method, str(features_file),
+                       str(args.k), str(out)]
+                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                if proc.returncode:
+                    raise RuntimeError(f"{method} failed:\n{proc.stderr[-2000:]}")
+                run = json.loads(proc.stdout.strip().splitlines()[-1])
+                print(f"  [search d={d} repeat {rep + 1}/{args.search_repeats}] {method}: {run['seconds']:.1f} s, "
+                      f"{run['extra_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
+                best = results.setdefault(method, {"seconds": [], "extra_bytes": 0, "idx": np.load(out)})
+                best["seconds"].append(run["seconds"])
+                best["extra_bytes"] = max(best["extra_bytes"], run["extra_bytes"])
+        reference = results.get("ours fp32")
+        for method, r in results.items():
+            recall = None
+            if reference is not None:
+                hits = [len(set(a) & set(b)) for a, b in zip(r["idx"], reference["idx"])]
+                recall = sum(hits) / reference["idx"].size
+            rows.append({"d": d, "method": method, "seconds": min(r["seconds"]),
+                         "median": statistics.median(r["seconds"]), "extra_bytes": r["extra_bytes"], "recall": recall})
+    return rows
+
+
+def print_search(rows: list[dict], n: int, k: int) -> None:
+    print(f"\n## All-vs-all exact top-{k} search, N = {n:,} (itself excluded)\n")
+    print("Seconds: best and median of the interleaved repeats; memory: the largest peak above the loaded data.\n")
+    print(f"| d | method | best s | median s | peak extra memory | speed vs faiss | top-{k} recall vs ours fp32 |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        faiss = next((x["seconds"] for x in rows if x["d"] == r["d"] and x["method"].startswith("faiss")), None)
+        ratio = f"{faiss / r['seconds']:.2f}x" if faiss else "—"
+        recall = f"{r['recall']:.4f}" if r["recall"] is not None else "—"
+        print(f"| {r['d']} | {r['method']} | {r['seconds']:.2f} | {r['median']:.2f} | {r['extra_bytes'] / 2**20:,.0f} MiB | {ratio} | {recall} |")
+
+
+# ------------------------------------------------------------------------------------------ main
+
+def _machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import faiss
+    import timm
+
+    mem = resource.getpagesize() * __import__("os").sysconf("SC_PHYS_PAGES") / 2**30
+    load = " ".join(f"{x:.2f}" for x in __import__("os").getloadavg())
+    return (f"{cpu}, {__import__('os').cpu_count()} cores, {mem:.0f} GiB; torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), timm {timm.__version__}, faiss {faiss.__version__}, "
+            f"numpy {np.__version__}, Python {platform.python_version()}; CUDA: {torch.cuda.is_available()}; "
+            f"load average at start: {load}")
+
+
+def _csv(kind):
+    return lambda s: [kind(x) for x in s.split(",") if x]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=384, help="synthetic 300x450 JPEG banners to embed (default 384)")
+    p.add_argument("--baseline-images", type=int, default=64,
+                   help="how many of them the slow original-style pipeline embeds (its rate is per image; default 64)")
+    p.add_argument("--models", type=_csv(str), default=["vits16"], help="comma list of: vits16, vitb16 (default vits16)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=_csv(int), default=[0, 2], help="DataLoader worker counts to compare (default 0,2)")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each embedding pipeline (default 2)")
+    p.add_argument("--search-n", type=int, default=30_000, help="database size for the search benchmark (30000)")
+    p.add_argument("--dims", type=_csv(int), default=[768, 1536], help="feature dimensions to search (768,1536)")
+    p.add_argument("--search-methods", type=lambda s: s.split(","), default=list(SEARCH_METHODS),
+                   help="comma list of: " + ", ".join(SEARCH_METHODS))
+    p.add_argument("--search-repeats", type=int, default=2, help="interleaved repeats of each search (default 2)")
+    p.add_argument("-k", "--k", type=int, default=10)
+    p.add_argument("--skip-embedding", action="store_true")
+    p.add_argument("--skip-search", action="store_true")
+    p.add_argument("--search-worker", nargs=4, metavar=("METHOD", "FEATURES", "K", "OUT"), help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.search_worker:
+        method, features_file, k, out = args.search_worker
+        search_worker(method, features_file, int(k), out)
+        return 0
+    unknown = [m for m in args.models if m not in MODELS] + [m for m in args.search_methods if m not in SEARCH_METHODS]
+    if unknown:
+        build_parser().error(f"unknown model or search method: {', '.join(unknown)}")
+    print(f"# bannermatch benchmarks, {datetime.date.today().isoformat()}\n")
+    print(f"Machine: {_machine()}")
+    print(f"Command: python -m benchmarks {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.skip_embedding:
+            print_embedding(bench_embedding(args, Path(tmp)))
+        if not args.skip_search:
+            print_search(bench_search(args, Path(tmp)), args.search_n, args.k)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

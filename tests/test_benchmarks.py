@@ -1,0 +1,49 @@
+"""Smoke test of the benchmark command at toy sizes: it runs end to end and prints every row of its tables.
+
+No timing assertions: the speed targets are read from the benchmark's own output, not enforced here.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from benchmarks.run import SEARCH_METHODS, clustered_features, main
+
+
+def test_benchmark_prints_embedding_and_search_tables(capsys):
+    main(["--images", "6", "--baseline-images", "2", "--batch-size", "3", "--workers", "0,1", "--repeats", "1",
+          "--search-n", "300", "--dims", "16,24", "--search-repeats", "1", "-k", "5"])
+    out = capsys.readouterr().out
+    assert "Machine:" in out and "Command: python -m benchmarks --images 6" in out
+    embedding = [line for line in out.splitlines() if line.startswith("| dino_vits16 |")]
+    pipelines = [line.split("|")[2].strip() for line in embedding]
+    assert pipelines[0].startswith("original-style")
+    ours = [p for p in pipelines if p.startswith("bannermatch extract_features")]
+    assert [re.search(r"batch 3, workers=(\d)\)$", p).group(1) for p in ours] == ["0", "1"]
+    assert any(p.startswith("model only (float32") for p in pipelines)
+    for line in embedding:  # every rate is a positive number, every ratio is printed
+        best, median = (float(x) for x in line.split("|")[3:5])
+        assert best > 0 and median > 0
+    assert embedding[0].split("|")[5].strip() == "1.00x"
+
+    search = [line for line in out.splitlines() if re.match(r"\| (16|24) \|", line)]
+    assert [(line.split("|")[1].strip(), line.split("|")[2].strip()) for line in search] == [
+        (d, m) for d in ("16", "24") for m in SEARCH_METHODS]
+    for line in search:
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        assert float(cells[2]) <= float(cells[3]) and cells[4].endswith("MiB")
+        # every exact method finds the same top-5 as ours fp32; bf16 rescoring keeps it at least nearly so
+        assert float(cells[6]) >= (0.9 if "bf16" in cells[1] else 0.999)
+
+
+def test_clustered_features_are_unit_vectors_with_close_neighbours():
+    x = clustered_features(400, 32, seed=3)
+    assert x.shape == (400, 32) and x.dtype == np.float32
+    assert np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -1)
+    random_pairs = sims[np.triu_indices(400, 1)]
+    assert np.median(sims.max(1)) > np.percentile(random_pairs, 99)  # each has a neighbour from its own cluster
+    assert np.array_equal(x, clustered_features(400, 32, seed=3))
