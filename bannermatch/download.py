@@ -145,8 +145,11 @@ def _shard_id(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _finished_shards(output_dir: Path) -> dict[int, dict]:
-    """img2dataset's per-shard stats (written when a shard is complete), by shard id."""
+def _finished_shards(output_dir: Path, drop_unreadable: bool = False) -> dict[int, dict]:
+    """img2dataset's per-shard stats (written when a shard is complete), by shard id.
+
+    ``drop_unreadable``: delete stats files that do not parse (a kill while img2dataset wrote one); img2dataset
+    takes any ``*_stats.json`` for a finished shard, so that shard would otherwise never be downloaded again."""
     stats = {}
     for path in output_dir.glob("*_stats.json"):
         shard = _shard_id(path)
@@ -155,6 +158,8 @@ def _finished_shards(output_dir: Path) -> dict[int, dict]:
                 stats[shard] = json.loads(path.read_text())
             except (OSError, ValueError):
                 log.warning("unreadable shard stats %s: that shard will be downloaded again", path)
+                if drop_unreadable:
+                    path.unlink(missing_ok=True)
     return stats
 
 
@@ -286,7 +291,7 @@ def download_banners(output_dir, app_list=None, appids=None, host: str = STEAM_C
     output_dir.mkdir(parents=True, exist_ok=True)
     names = _resolve_app_list(app_list, appids, output_dir)
     table = _write_url_table(names, host, output_dir)
-    before = set(_finished_shards(output_dir))
+    before = set(_finished_shards(output_dir, drop_unreadable=True))
     pending = set(range(math.ceil(len(names) / SAMPLES_PER_SHARD))) - before
     start = time.perf_counter()
     try:
