@@ -300,7 +300,12 @@ def open_source(path: str | Path) -> ImageSource:
     if path.is_dir():
         shards = sorted(p for p in path.iterdir() if p.is_file() and _is_tar(p))
         if shards:
+            downloaded = any(path.glob("*_stats.json"))  # img2dataset output: a stats file marks a finished shard
             for shard in shards:
+                stem = shard.name.split(".")[0]
+                if downloaded and not (path / f"{stem}_stats.json").exists():
+                    report.skip(shard.name, "unfinished shard (download interrupted): run `bannermatch download` again")
+                    continue
                 _list_tar(shard, entries, seen, report)
             source: ImageSource = TarSource(path, entries, report)
         else:
