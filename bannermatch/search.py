@@ -34,7 +34,7 @@ def _chunk_rows(n: int, budget: int = _CHUNK_BYTES) -> int:
 
 def _similarities(q: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
     """``q @ db.T``. On CPU in float32 through numpy, whose OpenBLAS sgemm ran 1.4x faster than torch's MKL on
-    the AMD CPU of BENCHMARKS.md (the same BLAS faiss uses); one function, so tie checks see the same scores."""
+    the AMD CPU of BENCHMARKS.md (the same BLAS faiss uses)."""
     if db.device.type == "cpu" and db.dtype == torch.float32:
         return torch.from_numpy(q.numpy() @ db.numpy().T)
     return q.to(db.dtype) @ db.T
@@ -93,10 +93,12 @@ def top_k(
         # A tie across the k-th place: settle exactly which indices win (rare: duplicate banners).
         if n_cand > k:
             for r in torch.nonzero(vals[:, k - 1] == vals[:, k]).flatten().tolist():
-                row = _similarities(q[r:r + 1], db_search).float()[0] if precision == "float32" else (q[r] @ db.T)
+                # fp32: the very scores topk saw; bf16: fp32 rescoring, whose rounding may differ by an ulp
+                row = sims[r].float() if precision == "float32" else q[r] @ db.T
+                slack = 0.0 if precision == "float32" else 1e-6
                 if exclude is not None and ex[r] >= 0:
                     row[ex[r]] = -torch.inf
-                cand = torch.nonzero(row >= vals[r, k - 1]).flatten()
+                cand = torch.nonzero(row >= vals[r, k - 1] - slack).flatten()
                 v, i = _lexsort_topk(row[cand][None], cand[None], k)
                 vals[r, :k], idx[r, :k] = v[0], i[0]
         out_val[start:start + len(q)] = vals[:, :k].cpu().numpy()
