@@ -37,9 +37,10 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
 from .display import banner_images
 from .errors import BannermatchError
-from .features import (MANIFEST, FeatureSet, Recipe, _atomic_write_bytes, embed_images, extract_features,
+from .features import (MANIFEST, FeatureSet, Recipe, embed_images, extract_features,
                        load_backbone, make_recipe)
 from .search import find_matches, top_k
+from .files import atomic_write
 from .sources import ImageSource, open_source
 
 log = logging.getLogger(__name__)
@@ -502,5 +503,5 @@ def _copy_features(fs: FeatureSet, weights, device, n_queries: int, seed: int, t
             out.append(embed_images(batch, fs.recipe, backbone))
             bar.update(len(batch))
     feats = np.concatenate(out).astype(np.float32)
-    _atomic_write_bytes(cache, lambda fh: np.save(fh, feats, allow_pickle=False))
+    atomic_write(cache, lambda fh: np.save(fh, feats, allow_pickle=False))
     return feats, true_index, names

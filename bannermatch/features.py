@@ -26,6 +26,7 @@ from torchvision.transforms import v2 as T
 
 from . import __version__
 from .errors import BannermatchError
+from .files import atomic_write, file_digest
 from .models import Backbone, create_model, default_source, get_spec, weights_identity
 from .sources import ImageSource, SkipImage, decode_image, open_source
 
@@ -285,25 +286,8 @@ class FeatureSet:
         return self.names.get(key, "")
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _save_manifest(path: Path, manifest: dict) -> None:
-    _atomic_write_bytes(path / MANIFEST, lambda fh: fh.write(json.dumps(manifest).encode()))
+    atomic_write(path / MANIFEST, lambda fh: fh.write(json.dumps(manifest).encode()))
 
 
 def _read_manifest(path: Path) -> dict:
@@ -417,7 +401,7 @@ def _write_chunk(path: Path, manifest: dict, c: int, done: dict, source: ImageSo
     feats = (np.stack([done["ok"][i] for i in order]) if order
              else np.zeros((0, recipe.feature_dim(backbone.embed_dim)), np.float32)).astype(np.float16)
     file = f"chunk_{c:05d}.npy"
-    _atomic_write_bytes(path / file, lambda fh: np.save(fh, feats, allow_pickle=False))
+    atomic_write(path / file, lambda fh: np.save(fh, feats, allow_pickle=False))
     manifest["chunks"][str(c)] = {
         "file": file,
         "sha256": file_digest(path / file),

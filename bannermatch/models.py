@@ -11,13 +11,14 @@ import hashlib
 import logging
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import BannermatchError
+from .files import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +126,7 @@ def weights_identity(path: str | Path | None) -> str | None:
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        file_digest(f, h)
     return "sha256:" + h.hexdigest()[:16]
 
 

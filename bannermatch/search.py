@@ -5,19 +5,20 @@ Ties are broken by index (lower first), so results are the same on every run and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import urllib.request
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import BannermatchError
-from .features import FeatureSet, _atomic_write_bytes, embed_images, file_digest, load_backbone, resolve_device
+from .features import FeatureSet, embed_images, load_backbone, resolve_device
+from .files import atomic_write, file_digest
 from .steam import search_names
 
 log = logging.getLogger(__name__)
@@ -144,18 +145,16 @@ class Matches:
 
     def save(self) -> Path:
         path = self.features.path
-        _atomic_write_bytes(path / "neighbours.npy", lambda fh: np.save(fh, self.neighbours, allow_pickle=False))
-        _atomic_write_bytes(path / "scores.npy", lambda fh: np.save(fh, self.scores, allow_pickle=False))
+        atomic_write(path / "neighbours.npy", lambda fh: np.save(fh, self.neighbours, allow_pickle=False))
+        atomic_write(path / "scores.npy", lambda fh: np.save(fh, self.scores, allow_pickle=False))
         meta = {"k": self.k, "count": len(self.features.keys), "keys_hash": _keys_hash(self.features.keys),
                 "features": self.features.recipe.slug,
                 "sha256": {f: file_digest(path / f) for f in ("neighbours.npy", "scores.npy")}}
-        _atomic_write_bytes(path / "matches.json", lambda fh: fh.write(json.dumps(meta).encode()))
+        atomic_write(path / "matches.json", lambda fh: fh.write(json.dumps(meta).encode()))
         return path
 
 
 def _keys_hash(keys: list[str]) -> str:
-    import hashlib
-
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
 

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from .errors import BannermatchError
+from .files import atomic_write
 
 #: The current Steam CDN host for store assets; older hosts (e.g. steamcdn-a.akamaihd.net) also serve banners.
 STEAM_CDN = "https://shared.akamai.steamstatic.com/store_item_assets"
@@ -76,9 +77,7 @@ def load_app_names(path: str | Path) -> dict[str, str]:
 
 def save_app_names(names: dict[str, str], path: str | Path) -> Path:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(names, ensure_ascii=False, indent=0, sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, lambda fh: fh.write(json.dumps(names, ensure_ascii=False, indent=0).encode("utf-8")))
     return path
 
 

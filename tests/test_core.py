@@ -13,7 +13,7 @@ from PIL import Image
 from bannermatch import BannermatchError, extract_features, find_matches, load_features, make_recipe, query
 from bannermatch import features as features_mod
 from bannermatch import search as search_mod
-from bannermatch.features import build_transform, compute_features, load_backbone, pool_tokens
+from bannermatch.features import build_transform, compute_features, load_backbone
 from bannermatch.models import create_model, list_models
 from bannermatch.search import top_k
 
