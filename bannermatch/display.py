@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import textwrap
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from PIL import Image
@@ -15,24 +17,38 @@ from .search import Matches, QueryResult, query
 from .sources import ImageSource, SkipImage, decode_image, open_source
 
 
+log = logging.getLogger(__name__)
+
+
 @functools.lru_cache(maxsize=8)
-def _source(images: str) -> tuple[ImageSource, dict[str, int]]:
+def _source(images: str, modified: int) -> tuple[ImageSource, dict[str, int]]:
+    """The listed collection, kept between calls until its folder or archive changes (``modified``)."""
     source = open_source(images)
     return source, {e.key: i for i, e in enumerate(source.entries)}
 
 
-def banner_images(features: FeatureSet, keys: list[str]) -> dict[str, Image.Image | None]:
-    """The banners of ``keys`` read from the collection the features were made from (None if unreadable)."""
-    out: dict[str, Image.Image | None] = {k: None for k in keys}
-    if not features.images or not Path(features.images).exists():
-        return out
-    source, index = _source(features.images)
+def iter_banners(features: FeatureSet, keys: Iterable[str]) -> Iterator[tuple[str, Image.Image]]:
+    """``(key, banner)`` for ``keys``, decoded one at a time from the collection the features were made from.
+
+    Banners that cannot be read are logged and left out; memory stays bounded whatever the number of keys.
+    """
+    images = Path(features.images) if features.images else None
+    if images is None or not images.exists():
+        log.warning("the banners of %s are not at %r any more; showing placeholders", features.path, features.images)
+        return
+    source, index = _source(str(images), images.stat().st_mtime_ns)
     wanted = {index[k] for k in keys if k in index}
     for _, entry, data in source.read(wanted.__contains__):
         try:
-            out[entry.key] = decode_image(data)
-        except SkipImage:
-            pass
+            yield entry.key, decode_image(data)
+        except SkipImage as exc:
+            log.warning("cannot show %s: %s", entry.key, exc)
+
+
+def banner_images(features: FeatureSet, keys: list[str]) -> dict[str, Image.Image | None]:
+    """The banners of ``keys`` (None where unreadable)."""
+    out: dict[str, Image.Image | None] = {k: None for k in keys}
+    out.update(iter_banners(features, keys))
     return out
 
 

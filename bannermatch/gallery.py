@@ -11,18 +11,15 @@ from __future__ import annotations
 import base64
 import html
 import io
-import logging
 from pathlib import Path
 
 from PIL import Image
 
+from .display import iter_banners
 from .errors import BannermatchError
 from .features import FeatureSet
 from .search import Matches, QueryResult, find_matches, query
-from .sources import SkipImage, decode_image, open_source
 from .steam import STEAM_CDN, banner_url
-
-log = logging.getLogger(__name__)
 
 IMAGE_MODES = ("local", "cdn")
 THUMB_WIDTH = 150  # px; banners are 2:3
@@ -102,26 +99,15 @@ def _write_thumbnails(features: FeatureSet, keys: set[str], folder: Path, progre
     """Thumbnails of ``keys`` read in one streaming pass over the collection: {key: relative path}."""
     from tqdm.auto import tqdm
 
-    if not features.images or not Path(features.images).exists():
-        log.warning("the banners of %s are not at %r any more; the gallery shows placeholders", features.path,
-                    features.images)
-        return {}
-    source = open_source(features.images)
-    wanted = {i for i, e in enumerate(source.entries) if e.key in keys}
     row = features.index_map()
     folder.mkdir(parents=True, exist_ok=True)
     written = {}
-    for _, entry, data in tqdm(source.read(wanted.__contains__), total=len(wanted), desc="thumbnails",
-                               unit="img", disable=not progress):
-        try:
-            jpeg = thumbnail_jpeg(decode_image(data))
-        except SkipImage as exc:
-            log.warning("no thumbnail for %s: %s", entry.key, exc)
-            continue
+    for key, image in tqdm(iter_banners(features, keys), total=len(keys), desc="thumbnails", unit="img",
+                           disable=not progress):
         # Files are named by row number, never by the key, so no key can escape the folder.
-        name = f"{row[entry.key]}.jpg"
-        (folder / name).write_bytes(jpeg)
-        written[entry.key] = f"{folder.name}/{name}"
+        name = f"{row[key]}.jpg"
+        (folder / name).write_bytes(thumbnail_jpeg(image))
+        written[key] = f"{folder.name}/{name}"
     return written
 
 
