@@ -27,10 +27,12 @@ PRECISIONS = ("float32", "bfloat16")
 BACKENDS = ("torch", "faiss")
 _CHUNK_BYTES = 256 << 20  # similarity block per step: bounds extra memory whatever N is
 _RESCORE_EXTRA = 16  # bf16 search keeps this many extra candidates, then rescores them in fp32
+_TIE_EXTRA = 4  # fp32 keeps a few extra, so ties of up to this many duplicates at the k-th place settle at once
+_TIE_SLACK = 1e-4  # fp32 rounding of a unit-vector dot product in a different order stays far below this
 
 
-def _chunk_rows(n: int, budget: int = _CHUNK_BYTES) -> int:
-    return max(1, min(4096, budget // (4 * max(n, 1))))
+def _chunk_rows(n: int) -> int:
+    return max(1, min(4096, _CHUNK_BYTES // (4 * max(n, 1))))
 
 
 def _similarities(q: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
@@ -49,6 +51,46 @@ def _lexsort_topk(vals: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.
     return vals.gather(1, by_val)[:, :k], idx.gather(1, by_val)[:, :k]
 
 
+def _check_search(precision: str, k: int, n: int) -> None:
+    if precision not in PRECISIONS:
+        raise BannermatchError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if k > n:
+        raise BannermatchError(f"k={k} is larger than the {n} banners there are to match")
+    if k < 1:
+        raise BannermatchError("k must be at least 1")
+
+
+def _n_candidates(k: int, precision: str, n: int) -> int:
+    return min(k + (_RESCORE_EXTRA if precision == "bfloat16" else _TIE_EXTRA), n)
+
+
+def _finish(q, db, vals, idx, k, precision, exclude=None) -> tuple[np.ndarray, np.ndarray]:
+    """The final k of each row's candidates: exact fp32 scores (bf16 search), ordered by (score desc, index asc).
+
+    A tie at the k-th place may have members the candidates lack; such rows (rare: duplicate banners) are
+    settled on their whole row, recomputed in fp32.
+    """
+    if precision == "bfloat16":
+        vals = torch.einsum("qd,qcd->qc", q, db[idx])
+        if exclude is not None:
+            vals[idx == exclude[:, None]] = -torch.inf
+    n_cand = vals.shape[1]
+    vals, idx = _lexsort_topk(vals.float(), idx, n_cand)
+    # fp32 candidates are the true top n_cand, so only a tie reaching the last one can hide members; bf16
+    # candidates are approximate, so any tie across the k-th place is settled
+    last = k if precision == "bfloat16" else n_cand - 1
+    if n_cand > k:
+        for r in torch.nonzero(vals[:, k - 1] == vals[:, last]).flatten().tolist():
+            row = q[r] @ db.T
+            if exclude is not None and exclude[r] >= 0:
+                row[exclude[r]] = -torch.inf
+            # the recomputed row may round differently from the block product: keep every near tie
+            cand = torch.nonzero(row >= vals[r, k - 1] - _TIE_SLACK).flatten()
+            v, i = _lexsort_topk(row[cand][None], cand[None], k)
+            vals[r, :k], idx[r, :k] = v[0], i[0]
+    return idx[:, :k].cpu().numpy(), vals[:, :k].cpu().numpy()
+
+
 def top_k(
     queries: np.ndarray | torch.Tensor,
     database: np.ndarray | torch.Tensor,
@@ -59,51 +101,75 @@ def top_k(
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each query row, the ``k`` database rows of highest dot product: ``(indices int64, scores float32)``.
 
-    ``exclude[i]`` is a database index that query ``i`` may not match (itself), or -1.
+    ``exclude[i]`` is a database index that query ``i`` may not match (itself), or -1. For all against all, use
+    :func:`top_k_all_pairs`, which does half the work.
     """
-    if precision not in PRECISIONS:
-        raise BannermatchError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     dev = resolve_device(device)
     db = torch.as_tensor(database, dtype=torch.float32).to(dev)
     q_all = torch.as_tensor(queries, dtype=torch.float32)
-    n = db.shape[0] - (1 if exclude is not None else 0)
-    if k > n:
-        raise BannermatchError(f"k={k} is larger than the {n} banners there are to match")
-    if k < 1:
-        raise BannermatchError("k must be at least 1")
+    _check_search(precision, k, db.shape[0] - (1 if exclude is not None else 0))
     db_search = db.to(torch.bfloat16) if precision == "bfloat16" else db
-    extra = _RESCORE_EXTRA if precision == "bfloat16" else 1
-    n_cand = min(k + extra, db.shape[0])
+    n_cand = _n_candidates(k, precision, db.shape[0])
     out_idx = np.empty((len(q_all), k), np.int64)
     out_val = np.empty((len(q_all), k), np.float32)
     step = _chunk_rows(db.shape[0])
     for start in range(0, len(q_all), step):
         q = q_all[start:start + step].to(dev)
         sims = _similarities(q, db_search)
-        rows = torch.arange(len(q), device=dev)
+        ex = None
         if exclude is not None:
             ex = torch.as_tensor(exclude[start:start + step], device=dev)
             valid = ex >= 0
-            sims[rows[valid], ex[valid]] = -torch.inf
+            sims[torch.arange(len(q), device=dev)[valid], ex[valid]] = -torch.inf
         vals, idx = torch.topk(sims, n_cand, dim=1)
-        if precision == "bfloat16":  # exact fp32 scores for the candidates, then re-rank
-            vals = torch.einsum("qd,qcd->qc", q, db[idx])
-            if exclude is not None:
-                vals[idx == ex[:, None]] = -torch.inf
-        vals, idx = _lexsort_topk(vals.float(), idx, k + (n_cand > k))
-        # A tie across the k-th place: settle exactly which indices win (rare: duplicate banners).
-        if n_cand > k:
-            for r in torch.nonzero(vals[:, k - 1] == vals[:, k]).flatten().tolist():
-                # fp32: the very scores topk saw; bf16: fp32 rescoring, whose rounding may differ by an ulp
-                row = sims[r].float() if precision == "float32" else q[r] @ db.T
-                slack = 0.0 if precision == "float32" else 1e-6
-                if exclude is not None and ex[r] >= 0:
-                    row[ex[r]] = -torch.inf
-                cand = torch.nonzero(row >= vals[r, k - 1] - slack).flatten()
-                v, i = _lexsort_topk(row[cand][None], cand[None], k)
-                vals[r, :k], idx[r, :k] = v[0], i[0]
-        out_val[start:start + len(q)] = vals[:, :k].cpu().numpy()
-        out_idx[start:start + len(q)] = idx[:, :k].cpu().numpy()
+        del sims
+        out_idx[start:start + len(q)], out_val[start:start + len(q)] = _finish(q, db, vals, idx, k, precision, ex)
+    return out_idx, out_val
+
+
+def _merge(vals, idx, new_vals, new_idx) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best ``vals.shape[1]`` of two candidate lists per row."""
+    best, at = torch.topk(torch.cat([vals, new_vals.float()], 1), vals.shape[1], dim=1)
+    return best, torch.cat([idx, new_idx], 1).gather(1, at)
+
+
+def top_k_all_pairs(
+    features: np.ndarray | torch.Tensor, k: int, device: str | None = None, precision: str = "float32"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best matches of every row among the other rows: ``top_k(x, x, k, exclude=arange(N))``, in half
+    the time.
+
+    Similarity is symmetric, so a block of rows is multiplied only with itself and the rows after it; the top
+    candidates of each later row within the block (a column of the product) go to that row's running list.
+    """
+    dev = resolve_device(device)
+    x = torch.as_tensor(features, dtype=torch.float32).to(dev)
+    n = len(x)
+    _check_search(precision, k, n - 1)
+    x_search = x.to(torch.bfloat16) if precision == "bfloat16" else x
+    n_cand = _n_candidates(k, precision, n - 1)
+    best_val = torch.full((n, n_cand), -torch.inf, device=dev)
+    best_idx = torch.full((n, n_cand), -1, dtype=torch.int64, device=dev)
+    step = _chunk_rows(n)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        sims = _similarities(x[start:stop], x_search[start:])  # rows start:stop against rows start:n
+        diag = torch.arange(stop - start, device=dev)
+        sims[diag, diag] = -torch.inf  # itself
+        vals, idx = torch.topk(sims, min(n_cand, sims.shape[1]), dim=1)
+        best_val[start:stop], best_idx[start:stop] = _merge(best_val[start:stop], best_idx[start:stop],
+                                                            vals, idx + start)
+        if stop < n:
+            vals, idx = torch.topk(sims[:, stop - start:], min(n_cand, stop - start), dim=0)
+            best_val[stop:], best_idx[stop:] = _merge(best_val[stop:], best_idx[stop:], vals.T, idx.T + start)
+        del sims
+    out_idx = np.empty((n, k), np.int64)
+    out_val = np.empty((n, k), np.float32)
+    step = max(1, _CHUNK_BYTES // (4 * n_cand * x.shape[1]))  # bounds the bf16 rescoring's gathered rows
+    for start in range(0, n, step):
+        rows = torch.arange(start, min(start + step, n), device=dev)
+        out_idx[start:start + len(rows)], out_val[start:start + len(rows)] = _finish(
+            x[rows], x, best_val[rows], best_idx[rows], k, precision, rows)
     return out_idx, out_val
 
 
@@ -190,11 +256,10 @@ def find_matches(
     n = len(features.keys)
     if k > n - 1:
         raise BannermatchError(f"k={k} is larger than the {n - 1} other banners there are to match")
-    exclude = np.arange(n)
     if backend == "faiss":
-        idx, scores = top_k_faiss(features.features, features.features, k, exclude)
+        idx, scores = top_k_faiss(features.features, features.features, k, np.arange(n))
     else:
-        idx, scores = top_k(features.features, features.features, k, exclude, device, precision)
+        idx, scores = top_k_all_pairs(features.features, k, device, precision)
     matches = Matches(features, idx, scores)
     if save:
         matches.save()

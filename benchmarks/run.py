@@ -183,30 +183,29 @@ def clustered_features(n: int, d: int, seed: int = 0) -> np.ndarray:
 
 def search_worker(method: str, features_file: str, k: int, out_file: str) -> None:
     """Run one search method in this (fresh) process; print seconds and peak extra memory as JSON."""
-    from bannermatch.search import top_k, top_k_faiss
+    from bannermatch.search import top_k_all_pairs, top_k_faiss
 
     x = np.load(features_file, allow_pickle=False)
-    exclude = np.arange(len(x))
-    fns = {
-        "ours fp32": lambda q, db, ex: top_k(q, db, k, ex, "cpu", "float32"),
-        "ours bf16": lambda q, db, ex: top_k(q, db, k, ex, "cpu", "bfloat16"),
-        "faiss IndexFlatIP": lambda q, db, ex: top_k_faiss(q, db, k, ex),
-        "full N x N matrix": lambda q, db, ex: _full_matrix(q, db, k, ex),
+    fns = {  # each: all against all, every banner excluded from its own list
+        "ours fp32": lambda x: top_k_all_pairs(x, k, "cpu", "float32"),
+        "ours bf16": lambda x: top_k_all_pairs(x, k, "cpu", "bfloat16"),
+        "faiss IndexFlatIP": lambda x: top_k_faiss(x, x, k, np.arange(len(x))),
+        "full N x N matrix": lambda x: _full_matrix(x, k),
     }
     fn = fns[method]
-    fn(x[:64], x[:256], exclude[:64])  # warm up libraries and thread pools outside the measurement
+    fn(x[:256])  # warm up libraries and thread pools outside the measurement
     _reset_peak_rss()  # the peak of loading the libraries and the data is not the search's
     before = _rss_bytes()
     start = time.perf_counter()
-    idx, _ = fn(x, x, exclude)
+    idx, _ = fn(x)
     seconds = time.perf_counter() - start
     np.save(out_file, idx, allow_pickle=False)
     print(json.dumps({"seconds": seconds, "extra_bytes": max(0, _peak_rss_bytes() - before)}))
 
 
-def _full_matrix(q, db, k, exclude):
-    sims = torch.from_numpy(q) @ torch.from_numpy(db).T
-    sims[torch.arange(len(q)), torch.from_numpy(exclude)] = -torch.inf
+def _full_matrix(x, k):
+    sims = torch.from_numpy(x) @ torch.from_numpy(x).T
+    sims.fill_diagonal_(-torch.inf)
     vals, idx = torch.topk(sims, k, dim=1)
     return idx.numpy(), vals.numpy()
 

@@ -259,29 +259,50 @@ def test_corrupt_images_are_skipped_and_reported(banner_dir, tiny_weights, tmp_p
 
 # ------------------------------------------------------------------------------------------ search
 
+def _all_pairs_top_k(x, k, **kw):
+    """``top_k`` of every row against all rows, itself excluded: the general path and the symmetric one."""
+    return top_k(x, x, k, exclude=np.arange(len(x)), **kw), search_mod.top_k_all_pairs(x, k, **kw)
+
+
 @pytest.mark.parametrize("n,d,k", [(103, 16, 7), (64, 8, 1)])
 def test_search_equals_brute_force(n, d, k, monkeypatch):
     monkeypatch.setattr(search_mod, "_CHUNK_BYTES", 4 * n * 10)  # 10-row chunks: N is not a multiple
     rng = np.random.default_rng(n)
     x = rng.standard_normal((n, d)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    idx, scores = top_k(x, x, k, exclude=np.arange(n))
     full = x @ x.T
     np.fill_diagonal(full, -np.inf)
     ref = np.argsort(-full, axis=1, kind="stable")[:, :k]
-    np.testing.assert_array_equal(idx, ref)
-    np.testing.assert_allclose(scores, np.take_along_axis(full, ref, 1), atol=1e-6)
-    assert not (idx == np.arange(n)[:, None]).any()
+    for idx, scores in _all_pairs_top_k(x, k):
+        np.testing.assert_array_equal(idx, ref)
+        np.testing.assert_allclose(scores, np.take_along_axis(full, ref, 1), atol=1e-6)
+        assert not (idx == np.arange(n)[:, None]).any()
 
 
-def test_ties_are_broken_by_index_across_the_kth_place():
+@pytest.mark.parametrize("copies", [6, 40])  # 40: more tied duplicates than the extra candidates kept
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_ties_are_broken_by_index_across_the_kth_place(copies, precision, monkeypatch):
     base = np.eye(4, dtype=np.float32)
-    x = np.concatenate([base[[0]]] * 6 + [base[[1]]] * 3)  # six identical banners: five ties for k=3
-    idx, scores = top_k(x, x, 3, exclude=np.arange(len(x)))
-    assert idx[0].tolist() == [1, 2, 3] and idx[5].tolist() == [0, 1, 2]
-    assert idx[7].tolist() == [6, 8, 0]
-    for _ in range(3):
-        assert np.array_equal(top_k(x, x, 3, exclude=np.arange(len(x)))[0], idx)
+    x = np.concatenate([base[[0]]] * copies + [base[[1]]] * 3)  # identical banners: ties for k=3
+    monkeypatch.setattr(search_mod, "_CHUNK_BYTES", 4 * len(x) * 7)  # the ties span several blocks
+    for idx, scores in _all_pairs_top_k(x, 3, precision=precision):
+        assert idx[0].tolist() == [1, 2, 3] and idx[copies - 1].tolist() == [0, 1, 2]
+        assert idx[copies + 1].tolist() == [copies, copies + 2, 0]
+        assert np.all(scores[:copies] == 1.0) and scores[copies + 1].tolist() == [1.0, 1.0, 0.0]
+        for _ in range(2):
+            assert np.array_equal(search_mod.top_k_all_pairs(x, 3, precision=precision)[0], idx)
+
+
+def test_all_pairs_search_equals_the_general_search_on_clustered_features(monkeypatch):
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((150, 48))
+    x = (centres[rng.integers(0, 150, 3001)] + 0.3 * rng.standard_normal((3001, 48))).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # close neighbours, as in a game series
+    monkeypatch.setattr(search_mod, "_CHUNK_BYTES", 4 * len(x) * 500)  # 7 blocks, the last one short
+    for precision in search_mod.PRECISIONS:
+        (idx, scores), (pair_idx, pair_scores) = _all_pairs_top_k(x, 10, precision=precision)
+        np.testing.assert_array_equal(pair_idx, idx)
+        np.testing.assert_allclose(pair_scores, scores, atol=1e-6)
 
 
 def test_bf16_search_and_faiss_agree_with_exact():
@@ -289,11 +310,11 @@ def test_bf16_search_and_faiss_agree_with_exact():
     x = rng.standard_normal((2000, 64)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     exact, scores = top_k(x, x, 10, np.arange(2000))
-    fast, fast_scores = top_k(x, x, 10, np.arange(2000), precision="bfloat16")
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, fast)])
-    assert recall >= 0.99
-    same = fast == exact
-    np.testing.assert_allclose(fast_scores[same], scores[same], atol=1e-6)  # rescored exactly in fp32
+    for fast, fast_scores in _all_pairs_top_k(x, 10, precision="bfloat16"):
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, fast)])
+        assert recall >= 0.99
+        same = fast == exact
+        np.testing.assert_allclose(fast_scores[same], scores[same], atol=1e-6)  # rescored exactly in fp32
     f_idx, f_scores = search_mod.top_k_faiss(x, x, 10, np.arange(2000))
     assert np.mean(f_idx == exact) > 0.999
     np.testing.assert_allclose(f_scores, scores, atol=1e-5)
