@@ -36,6 +36,7 @@ STRATEGIES = ("simple", "complex", "gem", "mean")
 PREPROCESSING = ("crop", "squash", "keep")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MULTISCALE = (1.0, 1 / math.sqrt(2), 0.5)  # DINO's multi-scale evaluation
+_CPU_BATCH_TOKENS = 4096
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
@@ -92,9 +93,23 @@ class Recipe:
             return round(size * 1.5 / spec.patch_size) * spec.patch_size, size
         return size, size
 
+    def tokens(self) -> int:
+        """Tokens per image at full scale (patches plus CLS): what a batch costs in memory and cache."""
+        height, width = self.input_size()
+        patch = get_spec(self.model).patch_size
+        return (height // patch) * (width // patch) + 1
+
     def feature_dim(self, embed_dim: int) -> int:
         return {"simple": embed_dim, "mean": embed_dim, "gem": 2 * embed_dim,
                 "complex": embed_dim * (self.n_last_blocks + self.avgpool)}[self.strategy]
+
+
+def default_batch_size(recipe: Recipe, device: str | torch.device | None = None) -> int:
+    """Images per batch: 64 on a GPU; on a CPU, about 4,096 tokens (20 images for ViT-S/16 at 224, 5 for ViT-S/8),
+    whose activations stay in cache: ViT-S/16 ran 1.4x faster at batch 16-32 than at 64 (BENCHMARKS.md)."""
+    if resolve_device(device).type != "cpu":
+        return 64
+    return max(1, _CPU_BATCH_TOKENS // recipe.tokens())
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -237,7 +252,11 @@ def load_backbone(recipe: Recipe, weights: str | Path | None = None, device=None
     backbone = create_model(recipe.model, recipe.source, weights, dict(recipe.arch) or None, recipe.input_size())
     if recipe.n_last_blocks > backbone.depth:
         raise BannermatchError(f"n_last_blocks={recipe.n_last_blocks} but {recipe.model} has {backbone.depth} blocks")
-    return backbone.to(resolve_device(device))
+    device = resolve_device(device)
+    # On CPU, at these batch sizes, plain attention ran 1.2x (ViT-S/16) to 1.4x (ViT-S/8) faster than PyTorch's
+    # fused kernel, and tied for ViT-B/16 (BENCHMARKS.md); on a GPU the fused (flash) kernel is the fast one.
+    backbone.set_fused_attention(device.type != "cpu")
+    return backbone.to(device)
 
 
 def embed_images(images: Iterable[Image.Image], recipe: Recipe, backbone: Backbone, batch_size: int = 32) -> np.ndarray:
@@ -337,14 +356,15 @@ def extract_features(
     store: str | Path = "features",
     weights: str | Path | None = None,
     device: str | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     workers: int | None = None,
     chunk_size: int = 2048,
     progress: bool = True,
 ) -> FeatureSet:
     """Embed every image of a collection with ``recipe`` into ``store/<recipe.slug>/``, resuming if possible.
 
-    Unusable images are skipped with a warning and listed in the manifest; the run goes on.
+    Unusable images are skipped with a warning and listed in the manifest; the run goes on. ``batch_size``
+    defaults to :func:`default_batch_size`; ``workers`` (decoding processes) to none on a CPU, up to 4 with a GPU.
     """
     from tqdm.auto import tqdm
 
@@ -372,7 +392,10 @@ def extract_features(
         backbone = load_backbone(recipe, weights, dev)
         if manifest["chunks"]:
             log.info("resuming: %d of %d chunks already done", len(manifest["chunks"]), n_chunks)
-        workers = min(4, os.cpu_count() or 1) if workers is None else workers
+        if workers is None:  # on a CPU the model's threads use every core already; a decoding process only
+            # preempts them (2 cores: 92% of model-only throughput with none, 84% with 2; BENCHMARKS.md)
+            workers = 0 if dev.type == "cpu" else min(4, os.cpu_count() or 1)
+        batch_size = batch_size or default_batch_size(recipe, dev)
         loader = DataLoader(_Decoded(source, todo, build_transform(recipe)), batch_size=batch_size,
                             num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
                             persistent_workers=False, prefetch_factor=4 if workers else None)

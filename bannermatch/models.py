@@ -175,6 +175,13 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor, n_last: int = 1) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def set_fused_attention(self, enabled: bool) -> None:
+        """timm blocks: PyTorch's fused attention (``scaled_dot_product_attention``) or the plain softmax(QK^T)V.
+        The torch.hub and Hugging Face models keep their own choice."""
+        for block in getattr(self.model, "blocks", ()):
+            if hasattr(getattr(block, "attn", None), "fused_attn"):
+                block.attn.fused_attn = enabled
+
 
 class TimmViT(Backbone):
     """timm VisionTransformer (DINO, DINOv2): explicit block loop, as DINO's get_intermediate_layers."""

@@ -105,7 +105,7 @@ def model_only(backbone, recipe, batch_size: int, n: int) -> None:
 
 
 def bench_embedding(args, tmp: Path) -> list[dict]:
-    from bannermatch.features import extract_features, load_backbone, make_recipe
+    from bannermatch.features import default_batch_size, extract_features, load_backbone, make_recipe
 
     folder = make_banners(tmp / "banners", args.images)
     images = sorted(folder.glob("*.jpg"))
@@ -117,22 +117,28 @@ def bench_embedding(args, tmp: Path) -> list[dict]:
         recipe = make_recipe(model, weights=weights, dtype="auto", device="cpu")
         fp32 = make_recipe(model, weights=weights, dtype="float32", device="cpu")
         backbone = {r.dtype: load_backbone(r, weights, "cpu") for r in (recipe, fp32)}
+        batch = args.batch_size or default_batch_size(recipe, "cpu")
+        attention = "fused" if backbone[recipe.dtype].model.blocks[0].attn.fused_attn else "plain"
+        other = "plain" if attention == "fused" else "fused"
         runs: dict[str, tuple[int, object]] = {
             "original-style (PIL, fp32, batch 1, eager attention)":
                 (len(baseline_images), lambda: original_pipeline(baseline_images, model, weights, tmp / "orig.npy")),
         }
         for w in args.workers:
-            runs[f"bannermatch extract_features ({recipe.dtype}, batch {args.batch_size}, workers={w})"] = (
+            runs[f"bannermatch extract_features ({recipe.dtype}, batch {batch}, workers={w})"] = (
                 len(images), lambda w=w: extract_features(folder, recipe, tempfile.mkdtemp(dir=tmp), weights, "cpu",
-                                                         args.batch_size, w, progress=False))
-        runs[f"model only ({recipe.dtype}, batch {args.batch_size})"] = (
-            len(images), lambda: model_only(backbone[recipe.dtype], recipe, args.batch_size, len(images)))
+                                                         batch, w, progress=False))
+        runs[f"model only ({recipe.dtype}, batch {batch}, {attention} attention)"] = (
+            len(images), lambda: model_only(backbone[recipe.dtype], recipe, batch, len(images)))
         if recipe.dtype != "float32":
-            runs[f"model only (float32, batch {args.batch_size})"] = (
-                len(images), lambda: model_only(backbone["float32"], fp32, args.batch_size, len(images)))
-        runs[f"model only ({recipe.dtype}, batch {args.batch_size}, eager attention)"] = (
-            len(images), lambda: _eager(backbone[recipe.dtype], lambda: model_only(backbone[recipe.dtype], recipe,
-                                                                                   args.batch_size, len(images))))
+            runs[f"model only (float32, batch {batch}, {attention} attention)"] = (
+                len(images), lambda: model_only(backbone["float32"], fp32, batch, len(images)))
+        runs[f"model only ({recipe.dtype}, batch {batch}, {other} attention)"] = (
+            len(images), lambda: _with_attention(backbone[recipe.dtype], other == "fused",
+                                                 lambda: model_only(backbone[recipe.dtype], recipe, batch, len(images))))
+        if batch != 64:
+            runs[f"model only ({recipe.dtype}, batch 64, {attention} attention)"] = (
+                len(images), lambda: model_only(backbone[recipe.dtype], recipe, 64, len(images)))
         rates = {name: [] for name in runs}
         for rep in range(args.repeats):  # interleaved: every pipeline sees the same share of the machine's load
             for name, (n, fn) in runs.items():
@@ -145,16 +151,13 @@ def bench_embedding(args, tmp: Path) -> list[dict]:
     return rows
 
 
-def _eager(backbone, fn):
-    blocks = backbone.model.blocks
-    saved = [blk.attn.fused_attn for blk in blocks]
-    for blk in blocks:
-        blk.attn.fused_attn = False
+def _with_attention(backbone, fused: bool, fn):
+    saved = backbone.model.blocks[0].attn.fused_attn
+    backbone.set_fused_attention(fused)
     try:
         fn()
     finally:
-        for blk, fused in zip(blocks, saved):
-            blk.attn.fused_attn = fused
+        backbone.set_fused_attention(saved)
 
 
 def print_embedding(rows: list[dict]) -> None:
@@ -282,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-images", type=int, default=64,
                    help="how many of them the slow original-style pipeline embeds (its rate is per image; default 64)")
     p.add_argument("--models", type=_csv(str), default=["vits16"], help="comma list of: vits16, vitb16 (default vits16)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, help="default: the library's (about 4,096 tokens on a CPU)")
     p.add_argument("--workers", type=_csv(int), default=[0, 2], help="DataLoader worker counts to compare (default 0,2)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each embedding pipeline (default 2)")
     p.add_argument("--search-n", type=int, default=30_000, help="database size for the search benchmark (30000)")

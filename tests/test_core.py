@@ -226,6 +226,24 @@ def test_extract_store_resume_and_cache(banner_dir, tiny_weights, tmp_path, monk
     assert calls == [] and again.keys == full.keys
 
 
+def test_cpu_batch_size_follows_the_token_count():
+    assert features_mod.default_batch_size(make_recipe("dino_vits16", dtype="float32"), "cpu") == 20  # 197 tokens
+    assert features_mod.default_batch_size(make_recipe("dino_vits8", dtype="float32"), "cpu") == 5  # 785 tokens
+    keep = make_recipe("dino_vitb16", preprocess="keep", dtype="float32")
+    assert keep.tokens() == 21 * 14 + 1 and features_mod.default_batch_size(keep, "cpu") == 13
+
+
+def test_plain_attention_on_cpu_computes_what_the_fused_kernel_does(tiny_weights):
+    recipe = _recipe(tiny_weights, dtype="float32")  # exact agreement; bf16 would differ by its rounding
+    backbone = load_backbone(recipe, tiny_weights, "cpu")
+    assert not any(block.attn.fused_attn for block in backbone.model.blocks)  # the faster one on CPU
+    x = _batch(recipe, 4)
+    plain = compute_features(backbone, x, recipe)
+    backbone.set_fused_attention(True)
+    assert all(block.attn.fused_attn for block in backbone.model.blocks)
+    torch.testing.assert_close(compute_features(backbone, x, recipe), plain, atol=1e-5, rtol=1e-5)
+
+
 def test_dataloader_workers_give_the_same_features(banner_dir, tiny_weights, tmp_path):
     recipe = _recipe(tiny_weights)
     a = extract_features(banner_dir, recipe, tmp_path / "a", tiny_weights, workers=0, batch_size=3, progress=False)

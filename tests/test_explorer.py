@@ -28,6 +28,10 @@ def _shown(explorer) -> list[str]:
     return re.findall(r'<span class="bm-key">([^<]+)</span>', explorer.grid.value)
 
 
+def _scores(explorer) -> list[str]:
+    return re.findall(r'<span class="bm-score">([^<]+)</span>', explorer.grid.value)
+
+
 def _expected(explorer, key: str) -> list[str]:
     result = query(explorer.features, key, k=explorer.k.value)[0]
     return [key, *(m for m, _ in result.matches)]
@@ -49,12 +53,13 @@ def test_app_id_exact_name_feature_set_and_k_update_the_grid(store):
     ex = explore(store, game="413150", k=4)  # Stardew Valley by app id
     labels = [label for label, _ in ex.feature_set.options]
     assert len(labels) == 2 and any("simple" in lab for lab in labels) and any("complex" in lab for lab in labels)
-    first = _shown(ex)
+    first, first_scores, first_strategy = _shown(ex), _scores(ex), ex.features.recipe.strategy
     assert first == _expected(ex, "413150")
     ex.feature_set.value = 1 - ex.feature_set.value
-    second = _shown(ex)
-    assert second == _expected(ex, "413150")
-    assert second != first  # the two strategies rank the synthetic banners differently
+    assert ex.features.recipe.strategy != first_strategy
+    assert _shown(ex) == _expected(ex, "413150")
+    expected_scores = [f"{s:.3f}" for _, s in query(ex.features, "413150", k=4)[0].matches]
+    assert _scores(ex) == expected_scores != first_scores  # the other strategy's similarities are shown
     ex.k.value = 2
     assert _shown(ex) == _expected(ex, "413150")[:3]
     ex.query.value = "portal 2"  # an exact name (any case) needs no pick
