@@ -95,17 +95,18 @@ def original_pipeline(images: list[Path], model: str, weights: Path, out: Path) 
     np.save(out, np.stack(feats), allow_pickle=False)
 
 
-def model_only(backbone, recipe, batch_size: int, n: int) -> None:
-    """The model (and pooling) alone on already preprocessed batches: the ceiling for the whole pipeline."""
-    from bannermatch.features import compute_features
+def model_only(embed, recipe, batch_size: int, n: int) -> None:
+    """The model (and pooling) alone on already preprocessed batches: the ceiling for the whole pipeline.
+    ``embed`` is a backbone (run through ``compute_features``) or a ``CompiledEmbedder``."""
+    from bannermatch.features import CompiledEmbedder, compute_features
 
     x = torch.randn(batch_size, 3, *recipe.input_size())
     for _ in range(0, n, batch_size):
-        compute_features(backbone, x, recipe)
+        embed(x) if isinstance(embed, CompiledEmbedder) else compute_features(embed, x, recipe)
 
 
 def bench_embedding(args, tmp: Path) -> list[dict]:
-    from bannermatch.features import default_batch_size, extract_features, load_backbone, make_recipe
+    from bannermatch.features import CompiledEmbedder, default_batch_size, extract_features, load_backbone, make_recipe
 
     folder = make_banners(tmp / "banners", args.images)
     images = sorted(folder.glob("*.jpg"))
@@ -139,6 +140,16 @@ def bench_embedding(args, tmp: Path) -> list[dict]:
         if batch != 64:
             runs[f"model only ({recipe.dtype}, batch 64, {attention} attention)"] = (
                 len(images), lambda: model_only(backbone[recipe.dtype], recipe, 64, len(images)))
+        if args.compile:
+            runs[f"bannermatch extract_features ({recipe.dtype}, batch {batch}, workers=0, compile=True)"] = (
+                len(images), lambda: extract_features(folder, recipe, tempfile.mkdtemp(dir=tmp), weights, "cpu",
+                                                      batch, 0, progress=False, compile=True))
+            compiled = CompiledEmbedder(backbone[recipe.dtype], recipe, batch)
+            start = time.perf_counter()
+            model_only(compiled, recipe, batch, batch)  # the first batch compiles
+            print(f"  [{short}] torch.compile: the first batch took {time.perf_counter() - start:.1f} s", file=sys.stderr)
+            runs[f"model only ({recipe.dtype}, batch {batch}, {attention} attention, compiled)"] = (
+                len(images), lambda: model_only(compiled, recipe, batch, len(images)))
         rates = {name: [] for name in runs}
         for rep in range(args.repeats):  # interleaved: every pipeline sees the same share of the machine's load
             for name, (n, fn) in runs.items():
@@ -294,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of: " + ", ".join(SEARCH_METHODS))
     p.add_argument("--search-repeats", type=int, default=2, help="interleaved repeats of each search (default 2)")
     p.add_argument("-k", "--k", type=int, default=10)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time torch.compile (compiling included end to end; default on)")
     p.add_argument("--skip-embedding", action="store_true")
     p.add_argument("--skip-search", action="store_true")
     p.add_argument("--search-worker", nargs=4, metavar=("METHOD", "FEATURES", "K", "OUT"), help=argparse.SUPPRESS)

@@ -21,7 +21,9 @@ def test_benchmark_prints_embedding_and_search_tables(capsys):
     pipelines = [line.split("|")[2].strip() for line in embedding]
     assert pipelines[0].startswith("original-style")
     ours = [p for p in pipelines if p.startswith("bannermatch extract_features")]
-    assert [re.search(r"batch 3, workers=(\d)\)$", p).group(1) for p in ours] == ["0", "1"]
+    assert [re.search(r"batch 3, workers=(\d)(, compile=True)?\)$", p).groups() for p in ours] == [
+        ("0", None), ("1", None), ("0", ", compile=True")]
+    assert any(p.startswith("model only") and p.endswith("compiled)") for p in pipelines)
     assert any(p.startswith("model only (float32") for p in pipelines)
     for line in embedding:  # every rate is a positive number, every ratio is printed
         best, median = (float(x) for x in line.split("|")[3:5])

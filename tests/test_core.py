@@ -244,6 +244,38 @@ def test_plain_attention_on_cpu_computes_what_the_fused_kernel_does(tiny_weights
     torch.testing.assert_close(compute_features(backbone, x, recipe), plain, atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_embedding_equals_eager_and_compiles_once(banner_dir, tiny_weights, tmp_path, caplog):
+    recipe = _recipe(tiny_weights, dtype="float32")
+    eager = extract_features(banner_dir, recipe, tmp_path / "a", tiny_weights, batch_size=8, progress=False)
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]
+    before = graphs["unique_graphs"]
+    compiled = extract_features(banner_dir, recipe, tmp_path / "b", tiny_weights, batch_size=8, progress=False,
+                                compile=True)  # 20 banners: batches of 8, 8 and 4 (padded to 8)
+    assert graphs["unique_graphs"] - before == 1 and "torch.compile failed" not in caplog.text
+    assert compiled.keys == eager.keys
+    np.testing.assert_allclose(compiled.features, eager.features, atol=2e-3)  # stored as float16
+
+
+def test_embedding_goes_on_eager_when_compiling_fails(banner_dir, tiny_weights, tmp_path, caplog, monkeypatch):
+    class BrokenCompile:  # what torch.compile returns: the module's attributes, a forward that fails on first use
+        def __init__(self, module, **kwargs):
+            self.module = module
+
+        def __getattr__(self, name):
+            return getattr(self.module, name)
+
+        def __call__(self, *args, **kwargs):
+            raise RuntimeError("C++ compile error: cannot find a compiler\nlong log ...")
+
+    recipe = _recipe(tiny_weights)
+    eager = extract_features(banner_dir, recipe, tmp_path / "a", tiny_weights, progress=False)
+    monkeypatch.setattr(torch, "compile", BrokenCompile)
+    fs = extract_features(banner_dir, recipe, tmp_path / "b", tiny_weights, progress=False, compile=True)
+    assert caplog.text.count("torch.compile failed, embedding without it: C++ compile error") == 1
+    np.testing.assert_array_equal(fs.features, eager.features)
+
+
 def test_dataloader_workers_give_the_same_features(banner_dir, tiny_weights, tmp_path):
     recipe = _recipe(tiny_weights)
     a = extract_features(banner_dir, recipe, tmp_path / "a", tiny_weights, workers=0, batch_size=3, progress=False)
