@@ -8,6 +8,7 @@ interrupted run resumes at the first unfinished chunk and an identical recipe re
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
@@ -15,7 +16,6 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -271,6 +271,27 @@ class CompiledEmbedder:
         return compute_features(self.backbone, images, self.recipe)
 
 
+@contextlib.contextmanager
+def _cpu_heap_kept(device: torch.device):
+    """glibc's malloc hands big freed blocks back to the OS and faults fresh pages in for the next batch: that
+    churn made the model 1.2x slower inside ``extract_features`` than alone (BENCHMARKS.md). So blocks under
+    256 MB come from the heap and up to 1 GB of it stays free between batches (process-wide settings, they
+    stay); when the run ends, the free memory goes back to the OS. No-op without glibc."""
+    libc = None
+    try:
+        if device.type == "cpu":
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD: blocks below 256 MB come from the heap, are reused
+            libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of free heap between batches
+    except (OSError, AttributeError):
+        libc = None
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.malloc_trim(0)
+
+
 def load_backbone(recipe: Recipe, weights: str | Path | None = None, device=None) -> Backbone:
     """The model a recipe names; local ``weights`` must be the very file the recipe was made with."""
     if weights_identity(weights) != recipe.weights:
@@ -431,21 +452,22 @@ def extract_features(
         loader = DataLoader(_Decoded(source, todo, build_transform(recipe)), batch_size=batch_size,
                             num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
                             persistent_workers=False, prefetch_factor=4 if workers else None)
-        embed = CompiledEmbedder(backbone, recipe, batch_size) if compile else partial(compute_features, backbone,
-                                                                                     recipe=recipe)
-        pending: dict[int, dict] = {}
-        bar = tqdm(total=len(todo), desc=f"embedding {recipe.label}", unit="img", disable=not progress)
-        for indices, batch, skipped in loader:
-            feats = embed(batch.to(dev, non_blocking=True)).cpu().numpy() if indices else []
-            for i, f in zip(indices, feats):
-                pending.setdefault(i // chunk_size, {"ok": {}, "skipped": {}})["ok"][i] = f
-            for i, reason in skipped:
-                log.warning("skipped %s: %s", source.entries[i].key, reason)
-                pending.setdefault(i // chunk_size, {"ok": {}, "skipped": {}})["skipped"][i] = reason
-            bar.update(len(indices) + len(skipped))
-            for c in [c for c, p in pending.items() if len(p["ok"]) + len(p["skipped"]) == _chunk_len(c, chunk_size, len(source))]:
-                _write_chunk(path, manifest, c, pending.pop(c), source, backbone, recipe)
-        bar.close()
+        embed = CompiledEmbedder(backbone, recipe, batch_size) if compile else (
+            lambda images: compute_features(backbone, images, recipe))
+        with _cpu_heap_kept(dev):
+            pending: dict[int, dict] = {}
+            bar = tqdm(total=len(todo), desc=f"embedding {recipe.label}", unit="img", disable=not progress)
+            for indices, batch, skipped in loader:
+                feats = embed(batch.to(dev, non_blocking=True)).cpu().numpy() if indices else []
+                for i, f in zip(indices, feats):
+                    pending.setdefault(i // chunk_size, {"ok": {}, "skipped": {}})["ok"][i] = f
+                for i, reason in skipped:
+                    log.warning("skipped %s: %s", source.entries[i].key, reason)
+                    pending.setdefault(i // chunk_size, {"ok": {}, "skipped": {}})["skipped"][i] = reason
+                bar.update(len(indices) + len(skipped))
+                for c in [c for c, p in pending.items() if len(p["ok"]) + len(p["skipped"]) == _chunk_len(c, chunk_size, len(source))]:
+                    _write_chunk(path, manifest, c, pending.pop(c), source, backbone, recipe)
+            bar.close()
     return load_features(path, recipe)
 
 

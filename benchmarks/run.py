@@ -101,8 +101,9 @@ def model_only(embed, recipe, batch_size: int, n: int) -> None:
     from bannermatch.features import CompiledEmbedder, compute_features
 
     x = torch.randn(batch_size, 3, *recipe.input_size())
-    for _ in range(0, n, batch_size):
-        embed(x) if isinstance(embed, CompiledEmbedder) else compute_features(embed, x, recipe)
+    for start in range(0, n, batch_size):  # exactly n images, a short last batch included, as end to end
+        batch = x[:min(batch_size, n - start)]
+        embed(batch) if isinstance(embed, CompiledEmbedder) else compute_features(embed, batch, recipe)
 
 
 def bench_embedding(args, tmp: Path) -> list[dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -224,6 +225,20 @@ def test_extract_store_resume_and_cache(banner_dir, tiny_weights, tmp_path, monk
     calls.clear()  # an identical recipe on the same images recomputes nothing
     again = extract_features(banner_dir, recipe, tmp_path / "b", tiny_weights, workers=0, chunk_size=6, progress=False)
     assert calls == [] and again.keys == full.keys
+
+
+def test_weights_identity_is_hashed_once_but_follows_a_changed_file(tmp_path, monkeypatch):
+    from bannermatch import models as models_mod
+
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"a" * 1000)
+    first = models_mod.weights_identity(path)
+    reads = []
+    monkeypatch.setattr(models_mod, "file_digest", lambda f, h: reads.append(f) or h.update(f.read_bytes()))
+    assert models_mod.weights_identity(path) == first and reads == []  # same file: not read again
+    path.write_bytes(b"b" * 1000)  # same size, new content and modification time
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    assert models_mod.weights_identity(path) != first and reads == [path.resolve()]
 
 
 def test_cpu_batch_size_follows_the_token_count():
