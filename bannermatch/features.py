@@ -106,8 +106,8 @@ class Recipe:
 
 
 def default_batch_size(recipe: Recipe, device: str | torch.device | None = None) -> int:
-    """Images per batch: 64 on a GPU; on a CPU, about 4,096 tokens (20 images for ViT-S/16 at 224, 5 for ViT-S/8),
-    whose activations stay in cache: ViT-S/16 ran 1.4x faster at batch 16-32 than at 64 (BENCHMARKS.md)."""
+    """Images per batch: 64 on a GPU; on a CPU, about 4,096 tokens (20 images for ViT-S/16 at 224, 5 for ViT-S/8):
+    small batches bound memory and ran 1.04x (ViT-B/16) to 1.09x (ViT-S/16) faster than batch 64 (BENCHMARKS.md)."""
     if resolve_device(device).type != "cpu":
         return 64
     return max(1, _CPU_BATCH_TOKENS // recipe.tokens())
@@ -246,8 +246,8 @@ def compute_features(backbone: Backbone, images: torch.Tensor, recipe: Recipe) -
 class CompiledEmbedder:
     """``compute_features`` through ``torch.compile``, with the weights frozen into the graph (inference only).
 
-    On the 2-core CPU of BENCHMARKS.md the compiled ViT-S/16 ran 1.2x-1.45x the eager one after 10-30 s of
-    compiling, so it pays off from a few thousand images. Batches are padded to one size, so the graph is
+    On the 2-core CPU of BENCHMARKS.md the compiled ViT-S/16 ran 1.23x the eager one after 9-26 s of compiling
+    (warm or cold compiler cache), so it pays off from about 3,000-9,000 images. Batches are padded to one size, so the graph is
     compiled once; if compiling fails (no C++ compiler, an unsupported operation), the eager model goes on.
     """
 
@@ -265,6 +265,8 @@ class CompiledEmbedder:
             try:
                 with torch._inductor.config.patch(freezing=True):
                     return compute_features(self.compiled, padded, self.recipe)[:n]
+            except torch.OutOfMemoryError:
+                raise
             except Exception as exc:  # compilers fail in too many ways to list; the eager model is always there
                 log.warning("torch.compile failed, embedding without it: %s", str(exc).strip().splitlines()[0])
                 self.compiled = None
@@ -303,8 +305,8 @@ def load_backbone(recipe: Recipe, weights: str | Path | None = None, device=None
     if recipe.n_last_blocks > backbone.depth:
         raise BannermatchError(f"n_last_blocks={recipe.n_last_blocks} but {recipe.model} has {backbone.depth} blocks")
     device = resolve_device(device)
-    # On CPU, at these batch sizes, plain attention ran 1.2x (ViT-S/16) to 1.4x (ViT-S/8) faster than PyTorch's
-    # fused kernel, and tied for ViT-B/16 (BENCHMARKS.md); on a GPU the fused (flash) kernel is the fast one.
+    # On CPU, at these batch sizes, plain attention ran 1.1x (ViT-S/16, ViT-B/16) to 1.5x (ViT-S/8) faster than
+    # PyTorch's fused kernel (BENCHMARKS.md); on a GPU the fused (flash) kernel is the fast one.
     backbone.set_fused_attention(device.type != "cpu")
     return backbone.to(device)
 
@@ -446,7 +448,7 @@ def extract_features(
         if manifest["chunks"]:
             log.info("resuming: %d of %d chunks already done", len(manifest["chunks"]), n_chunks)
         if workers is None:  # on a CPU the model's threads use every core already; a decoding process only
-            # preempts them (2 cores: 92% of model-only throughput with none, 84% with 2; BENCHMARKS.md)
+            # preempts them (2 cores: 92% of model-only throughput with none, 86% with 2; BENCHMARKS.md)
             workers = 0 if dev.type == "cpu" else min(4, os.cpu_count() or 1)
         batch_size = batch_size or default_batch_size(recipe, dev)
         loader = DataLoader(_Decoded(source, todo, build_transform(recipe)), batch_size=batch_size,

@@ -124,17 +124,19 @@ def weights_identity(path: str | Path | None) -> str | None:
         files = [path]
     else:
         raise BannermatchError(f"weights not found: {path}")
-    return _content_identity(tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    stats = [(f, f.stat()) for f in files]
+    return _content_identity(tuple((f.name, str(f.resolve()), st.st_size, st.st_mtime_ns) for f, st in stats))
 
 
 @functools.lru_cache(maxsize=64)
-def _content_identity(files: tuple[tuple[str, int, int], ...]) -> str:
+def _content_identity(files: tuple[tuple[str, str, int, int], ...]) -> str:
     """Keyed by path, size and modification time: each weights file is read once per process, not once per
-    recipe and again per model load (0.2 s for a ViT-B checkpoint)."""
+    recipe and again per model load (0.2 s for a ViT-B checkpoint). The name hashed is the one given (a
+    Hugging Face snapshot links to blobs named by their hash)."""
     h = hashlib.sha256()
-    for f, _, _ in files:
-        h.update(Path(f).name.encode())
-        file_digest(Path(f), h)
+    for name, resolved, _, _ in files:
+        h.update(name.encode())
+        file_digest(Path(resolved), h)
     return "sha256:" + h.hexdigest()[:16]
 
 

@@ -1,6 +1,7 @@
-"""Search: exact cosine top-k, in query chunks, never building the N x N similarity matrix.
+"""Search: exact cosine top-k, a block of rows at a time, never building the N x N similarity matrix.
 
-Ties are broken by index (lower first), so results are the same on every run and every device.
+Scores are exact fp32 dot products summed in one order for every pair, so duplicate banners tie exactly, and ties
+are broken by index (lower first): results are the same on every run, whatever the blocking.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ BACKENDS = ("torch", "faiss")
 _CHUNK_BYTES = 256 << 20  # similarity block per step: bounds extra memory whatever N is
 _RESCORE_EXTRA = 16  # bf16 search keeps this many extra candidates, then rescores them in fp32
 _TIE_EXTRA = 4  # fp32 keeps a few extra, so ties of up to this many duplicates at the k-th place settle at once
-_TIE_SLACK = 1e-4  # fp32 rounding of a unit-vector dot product in a different order stays far below this
 
 
 def _chunk_rows(n: int) -> int:
@@ -64,31 +64,62 @@ def _n_candidates(k: int, precision: str, n: int) -> int:
     return min(k + (_RESCORE_EXTRA if precision == "bfloat16" else _TIE_EXTRA), n)
 
 
-def _finish(q, db, vals, idx, k, precision, exclude=None) -> tuple[np.ndarray, np.ndarray]:
-    """The final k of each row's candidates: exact fp32 scores (bf16 search), ordered by (score desc, index asc).
+def _exact_scores(q: torch.Tensor, db: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """fp32 dot products of each row ``q[i]`` with its candidates ``db[idx[i]]``, one candidate column at a time
+    (memory: one [n, d] block), each summed in the same order: identical banners score identically wherever they
+    sit, which a matrix product does not promise (it rounds by position), so duplicates tie exactly."""
+    return torch.stack([(q * db[idx[:, j]]).sum(dim=1) for j in range(idx.shape[1])], dim=1)
 
-    A tie at the k-th place may have members the candidates lack; such rows (rare: duplicate banners) are
-    settled on their whole row, recomputed in fp32.
+
+def _error_bound(q: torch.Tensor, db_max_norm: torch.Tensor) -> torch.Tensor:
+    """Per row, how far a product score and an exact score of the same pair can differ: twice the fp32 bound
+    d * 2^-24 * |q| * |c| of any summation order."""
+    return 2 * q.shape[1] * 2.0 ** -24 * q.norm(dim=1) * db_max_norm
+
+
+def _finish(q, db, vals, idx, k, precision, db_max_norm, exclude=None) -> tuple[np.ndarray, np.ndarray]:
+    """The final k of each row's candidates, by exact score (descending), then index (ascending).
+
+    ``vals`` are the product scores the candidates were chosen by. fp32 rows whose k-th exact score is not clear
+    of the last candidate's product score by the rounding bound, so that a banner outside the candidates could
+    still tie or beat it (duplicates), are settled on their whole row; bf16 candidates are approximate by design,
+    and only a tie at the k-th place among them is settled.
     """
-    if precision == "bfloat16":
-        vals = torch.einsum("qd,qcd->qc", q, db[idx])
-        if exclude is not None:
-            vals[idx == exclude[:, None]] = -torch.inf
-    n_cand = vals.shape[1]
-    vals, idx = _lexsort_topk(vals.float(), idx, n_cand)
-    # fp32 candidates are the true top n_cand, so only a tie reaching the last one can hide members; bf16
-    # candidates are approximate, so any tie across the k-th place is settled
-    last = k if precision == "bfloat16" else n_cand - 1
-    if n_cand > k:
-        for r in torch.nonzero(vals[:, k - 1] == vals[:, last]).flatten().tolist():
-            row = q[r] @ db.T
-            if exclude is not None and exclude[r] >= 0:
-                row[exclude[r]] = -torch.inf
-            # the recomputed row may round differently from the block product: keep every near tie
-            cand = torch.nonzero(row >= vals[r, k - 1] - _TIE_SLACK).flatten()
-            v, i = _lexsort_topk(row[cand][None], cand[None], k)
-            vals[r, :k], idx[r, :k] = v[0], i[0]
-    return idx[:, :k].cpu().numpy(), vals[:, :k].cpu().numpy()
+    scores = _exact_scores(q, db, idx)
+    if exclude is not None:
+        scores[idx == exclude[:, None]] = -torch.inf
+    scores, idx = _lexsort_topk(scores, idx, idx.shape[1])
+    if idx.shape[1] > k:
+        if precision == "bfloat16":
+            unsure = scores[:, k - 1] == scores[:, k]
+        else:
+            unsure = scores[:, k - 1] <= vals.float().min(dim=1).values + _error_bound(q, db_max_norm)
+        rows = torch.nonzero(unsure).flatten()
+        if len(rows):
+            ex = exclude[rows] if exclude is not None else None
+            scores[rows, :k], idx[rows, :k] = _settle(q[rows], db, scores[rows, k - 1], idx[rows], k, db_max_norm, ex)
+    return idx[:, :k].cpu().numpy(), scores[:, :k].cpu().numpy()
+
+
+def _settle(q, db, kth, candidates, k, db_max_norm, exclude=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of a few rows against the whole database: every banner whose product score comes within the
+    rounding bound of the row's k-th exact score so far is rescored exactly."""
+    out_scores = torch.empty(len(q), k, device=q.device)
+    out_idx = torch.empty(len(q), k, dtype=torch.int64, device=q.device)
+    step = _chunk_rows(db.shape[0])
+    for start in range(0, len(q), step):
+        sims = _similarities(q[start:start + step], db)
+        bound = _error_bound(q[start:start + step], db_max_norm)
+        for r in range(len(sims)):
+            row = start + r
+            near = torch.nonzero(sims[r] >= kth[row] - bound[r]).flatten()
+            cand = torch.unique(torch.cat([near, candidates[row]]))
+            scores = _exact_scores(q[row:row + 1], db, cand[None])[0]
+            if exclude is not None:
+                scores[cand == exclude[row]] = -torch.inf
+            s, i = _lexsort_topk(scores[None], cand[None], k)
+            out_scores[row], out_idx[row] = s[0], i[0]
+    return out_scores, out_idx
 
 
 def top_k(
@@ -109,6 +140,7 @@ def top_k(
     q_all = torch.as_tensor(queries, dtype=torch.float32)
     _check_search(precision, k, db.shape[0] - (1 if exclude is not None else 0))
     db_search = db.to(torch.bfloat16) if precision == "bfloat16" else db
+    db_max_norm = db.norm(dim=1).max()
     n_cand = _n_candidates(k, precision, db.shape[0])
     out_idx = np.empty((len(q_all), k), np.int64)
     out_val = np.empty((len(q_all), k), np.float32)
@@ -123,7 +155,8 @@ def top_k(
             sims[torch.arange(len(q), device=dev)[valid], ex[valid]] = -torch.inf
         vals, idx = torch.topk(sims, n_cand, dim=1)
         del sims
-        out_idx[start:start + len(q)], out_val[start:start + len(q)] = _finish(q, db, vals, idx, k, precision, ex)
+        out_idx[start:start + len(q)], out_val[start:start + len(q)] = _finish(q, db, vals, idx, k, precision,
+                                                                                db_max_norm, ex)
     return out_idx, out_val
 
 
@@ -147,6 +180,7 @@ def top_k_all_pairs(
     n = len(x)
     _check_search(precision, k, n - 1)
     x_search = x.to(torch.bfloat16) if precision == "bfloat16" else x
+    db_max_norm = x.norm(dim=1).max()
     n_cand = _n_candidates(k, precision, n - 1)
     best_val = torch.full((n, n_cand), -torch.inf, device=dev)
     best_idx = torch.full((n, n_cand), -1, dtype=torch.int64, device=dev)
@@ -165,11 +199,11 @@ def top_k_all_pairs(
         del sims
     out_idx = np.empty((n, k), np.int64)
     out_val = np.empty((n, k), np.float32)
-    step = max(1, _CHUNK_BYTES // (4 * n_cand * x.shape[1]))  # bounds the bf16 rescoring's gathered rows
+    step = _chunk_rows(n)
     for start in range(0, n, step):
         rows = torch.arange(start, min(start + step, n), device=dev)
         out_idx[start:start + len(rows)], out_val[start:start + len(rows)] = _finish(
-            x[rows], x, best_val[rows], best_idx[rows], k, precision, rows)
+            x[rows], x, best_val[rows], best_idx[rows], k, precision, db_max_norm, rows)
     return out_idx, out_val
 
 

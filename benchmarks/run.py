@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = {"vits16": "dino_vits16", "vitb16": "dino_vitb16"}
+MODELS = {"vits16": "dino_vits16", "vitb16": "dino_vitb16", "vits8": "dino_vits8"}
 SEARCH_METHODS = ("ours fp32", "ours bf16", "faiss IndexFlatIP", "full N x N matrix")
 
 
@@ -68,7 +68,7 @@ def random_checkpoint(model: str, folder: Path) -> Path:
     given an architecture override, here the architecture's own depth."""
     from bannermatch.models import create_model
 
-    depth = 12  # ViT-S/16 and ViT-B/16 both have 12 blocks
+    depth = 12  # every DINO ViT has 12 blocks
     path = folder / f"{model}_random.pth"
     torch.save(create_model(model, "timm", arch={"depth": depth}).model.state_dict(), path)
     return path
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=384, help="synthetic 300x450 JPEG banners to embed (default 384)")
     p.add_argument("--baseline-images", type=int, default=64,
                    help="how many of them the slow original-style pipeline embeds (its rate is per image; default 64)")
-    p.add_argument("--models", type=_csv(str), default=["vits16"], help="comma list of: vits16, vitb16 (default vits16)")
+    p.add_argument("--models", type=_csv(str), default=["vits16"], help="comma list of: vits16, vitb16, vits8 (default vits16)")
     p.add_argument("--batch-size", type=int, help="default: the library's (about 4,096 tokens on a CPU)")
     p.add_argument("--workers", type=_csv(int), default=[0, 2], help="DataLoader worker counts to compare (default 0,2)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each embedding pipeline (default 2)")

@@ -239,6 +239,12 @@ def test_weights_identity_is_hashed_once_but_follows_a_changed_file(tmp_path, mo
     path.write_bytes(b"b" * 1000)  # same size, new content and modification time
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
     assert models_mod.weights_identity(path) != first and reads == [path.resolve()]
+    link = tmp_path / "model.safetensors"  # as in a Hugging Face snapshot: a link to a blob named by its hash
+    link.symlink_to(path)
+    copy = tmp_path / "copy" / "model.safetensors"
+    copy.parent.mkdir()
+    copy.write_bytes(path.read_bytes())
+    assert models_mod.weights_identity(link) == models_mod.weights_identity(copy)  # the name given is hashed
 
 
 def test_cpu_batch_size_follows_the_token_count():
@@ -356,6 +362,32 @@ def test_ties_are_broken_by_index_across_the_kth_place(copies, precision, monkey
         assert np.all(scores[:copies] == 1.0) and scores[copies + 1].tolist() == [1.0, 1.0, 0.0]
         for _ in range(2):
             assert np.array_equal(search_mod.top_k_all_pairs(x, 3, precision=precision)[0], idx)
+
+
+def _reference_top_k(x: np.ndarray, k: int) -> np.ndarray:
+    """Brute force in float64, each row's scores summed elementwise (identical vectors score identically)."""
+    x64 = x.astype(np.float64)
+    out = []
+    for i in range(len(x)):
+        scores = (x64[i] * x64).sum(axis=1)
+        scores[i] = -np.inf
+        out.append(np.argsort(-scores, kind="stable")[:k])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0])  # unit vectors, and features that were never normalised
+def test_duplicate_banners_tie_exactly_wherever_the_blocks_fall(scale, monkeypatch):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1500, 384)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True) / scale
+    copies = np.sort(rng.choice(1500, 150, replace=False))
+    x[copies] = x[copies[0]]  # one banner 150 times: a matrix product rounds its scores by position
+    monkeypatch.setattr(search_mod, "_CHUNK_BYTES", 4 * len(x) * 250)  # 6 blocks
+    ref = _reference_top_k(x, 10)
+    for idx, scores in _all_pairs_top_k(x, 10):
+        np.testing.assert_array_equal(idx, ref)
+        assert np.all(np.diff(scores, axis=1) <= 0)
+    assert ref[copies[-1]].tolist() == copies[:10].tolist()  # a copy's matches: the first copies, in order
 
 
 def test_all_pairs_search_equals_the_general_search_on_clustered_features(monkeypatch):
