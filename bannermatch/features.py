@@ -107,7 +107,8 @@ class Recipe:
 
 def default_batch_size(recipe: Recipe, device: str | torch.device | None = None) -> int:
     """Images per batch: 64 on a GPU; on a CPU, about 4,096 tokens (20 images for ViT-S/16 at 224, 5 for ViT-S/8):
-    small batches bound memory and ran 1.04x (ViT-B/16) to 1.09x (ViT-S/16) faster than batch 64 (BENCHMARKS.md)."""
+    small batches bound memory and ran as fast as batch 64 (ViT-B/16) or faster (ViT-S/16 1.09x, ViT-S/8 1.48x;
+    BENCHMARKS.md)."""
     if resolve_device(device).type != "cpu":
         return 64
     return max(1, _CPU_BATCH_TOKENS // recipe.tokens())
