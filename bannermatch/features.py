@@ -248,8 +248,9 @@ class CompiledEmbedder:
     """``compute_features`` through ``torch.compile``, with the weights frozen into the graph (inference only).
 
     On the 2-core CPU of BENCHMARKS.md the compiled ViT-S/16 ran 1.23x the eager one after 9-26 s of compiling
-    (warm or cold compiler cache), so it pays off from about 3,000-9,000 images. Batches are padded to one size, so the graph is
-    compiled once; if compiling fails (no C++ compiler, an unsupported operation), the eager model goes on.
+    (warm or cold compiler cache), so it pays off from about 3,000-9,000 images. Batches are padded to one size,
+    so the graph is compiled once; if compiling fails (no C++ compiler, an unsupported operation), the eager
+    model goes on.
     """
 
     def __init__(self, backbone: Backbone, recipe: Recipe, batch_size: int):
@@ -284,6 +285,7 @@ def _cpu_heap_kept(device: torch.device):
     try:
         if device.type == "cpu":
             libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt.argtypes, libc.malloc_trim.argtypes = [ctypes.c_int, ctypes.c_int], [ctypes.c_size_t]
             libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD: blocks below 256 MB come from the heap, are reused
             libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of free heap between batches
     except (OSError, AttributeError):
