@@ -125,7 +125,7 @@ def compare_grid(
     for ax in axes.flat:
         ax.axis("off")
     for (fs, result), row in zip(rows, axes):
-        images = banner_images(fs, [key for key in [result.key, *(m for m, _ in result.matches)] if key])
+        images = banner_images(fs, result.keys)
         qimg = result.image if result.image is not None else images.get(result.key)
         _draw(row[0], qimg, f"{fs.recipe.label}\n" + _title(result.name, result.key, None))
         for ax, (key, score) in zip(row[1:], result.matches):

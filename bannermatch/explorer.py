@@ -14,7 +14,7 @@ import ipywidgets as widgets
 
 from .errors import BannermatchError
 from .features import FeatureSet, list_feature_sets
-from .gallery import GRID_STYLE, STORE_PAGE, banner_figure, match_grid, thumbnail_data_uri
+from .gallery import GRID_STYLE, banner_figure, match_grid, store_page, thumbnail_data_uri
 from .search import QueryResult, query
 from .steam import normalize_name, search_names
 
@@ -103,12 +103,12 @@ class Explorer(widgets.VBox):
         from .display import banner_images
 
         fs = self.features
-        images = banner_images(fs, [key for key in [result.key, *(m for m, _ in result.matches)] if key])
+        images = banner_images(fs, result.keys)
 
         def figure(key, name, score=None, image=None):
             image = image if image is not None else images.get(key)
-            href = STORE_PAGE.format(key) if key and key.isdigit() else None
-            return banner_figure(thumbnail_data_uri(image) if image is not None else None, name, key, score, href)
+            return banner_figure(thumbnail_data_uri(image) if image is not None else None, name, key, score,
+                                 store_page(key))
 
         query_fig = figure(result.key, result.name, image=result.image)
         grid = "".join(figure(key, fs.name(key), score) for key, score in result.matches)

@@ -48,6 +48,11 @@ def _e(value) -> str:
     return html.escape(str(value), quote=True)
 
 
+def store_page(key: str | None) -> str | None:
+    """The Steam store page of a stored banner whose key is an app id (None for other keys and new images)."""
+    return STORE_PAGE.format(key) if key and key.isdigit() else None
+
+
 def thumbnail_jpeg(image: Image.Image, width: int = THUMB_WIDTH, quality: int = 85) -> bytes:
     """A small JPEG of a banner, ``width`` px wide with its own aspect ratio."""
     height = max(1, round(image.height * width / image.width))
@@ -132,7 +137,7 @@ def write_gallery(
     out = Path(out_dir)
     pages = out / "pages"
     pages.mkdir(parents=True, exist_ok=True)
-    shown = {key for r in results for key in [r.key, *(m for m, _ in r.matches)] if key}
+    shown = {key for r in results for key in r.keys}
     if images == "local":
         thumbs = _write_thumbnails(features, shown, out / "thumbs", progress)
     else:
@@ -144,9 +149,7 @@ def write_gallery(
         return path if path is None or images == "cdn" else "../" * depth + path
 
     def link(key: str) -> str | None:
-        if key in page_of:
-            return page_of[key]
-        return STORE_PAGE.format(key) if key.isdigit() else None
+        return page_of.get(key) or store_page(key)
 
     label = f"{features.recipe.label} · top-{k} of {len(features.keys)} banners"
     index_items = []
@@ -155,8 +158,7 @@ def write_gallery(
             qsrc = thumbnail_data_uri(result.image)
         else:
             qsrc = src(result.key, 1)
-        query_fig = banner_figure(qsrc, result.name, result.key,
-                                  href=STORE_PAGE.format(result.key) if result.key and result.key.isdigit() else None)
+        query_fig = banner_figure(qsrc, result.name, result.key, href=store_page(result.key))
         grid = "".join(banner_figure(src(key, 1), features.name(key), key, score, link(key))
                        for key, score in result.matches)
         nav = '<p><a href="../index.html">all queries</a></p>'

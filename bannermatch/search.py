@@ -199,7 +199,6 @@ def top_k_all_pairs(
         del sims
     out_idx = np.empty((n, k), np.int64)
     out_val = np.empty((n, k), np.float32)
-    step = _chunk_rows(n)
     for start in range(0, n, step):
         rows = torch.arange(start, min(start + step, n), device=dev)
         out_idx[start:start + len(rows)], out_val[start:start + len(rows)] = _finish(
@@ -310,6 +309,11 @@ class QueryResult:
     name: str
     image: object  # PIL image of a new query, else None (read from the collection when shown)
     matches: list[tuple[str, float]]
+
+    @property
+    def keys(self) -> list[str]:
+        """The stored banners this result shows: the query's own (unless it is a new image), then its matches'."""
+        return [key for key in [self.key, *(m for m, _ in self.matches)] if key]
 
 
 def resolve_key(features: FeatureSet, q: str, names: dict[str, str] | None = None) -> str:
