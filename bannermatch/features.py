@@ -107,7 +107,7 @@ class Recipe:
 
 def default_batch_size(recipe: Recipe, device: str | torch.device | None = None) -> int:
     """Images per batch: 64 on a GPU; on a CPU, about 4,096 tokens (20 images for ViT-S/16 at 224, 5 for ViT-S/8):
-    small batches bound memory and ran as fast as batch 64 (ViT-B/16) or faster (ViT-S/16 1.09x, ViT-S/8 1.48x;
+    small batches bound memory and ran within 1% of batch 64 (ViT-S/16, ViT-B/16) or faster (ViT-S/8 1.48x;
     BENCHMARKS.md)."""
     if resolve_device(device).type != "cpu":
         return 64
@@ -308,8 +308,8 @@ def load_backbone(recipe: Recipe, weights: str | Path | None = None, device=None
     if recipe.n_last_blocks > backbone.depth:
         raise BannermatchError(f"n_last_blocks={recipe.n_last_blocks} but {recipe.model} has {backbone.depth} blocks")
     device = resolve_device(device)
-    # On CPU, at these batch sizes, plain attention ran 1.1x (ViT-S/16, ViT-B/16) to 1.5x (ViT-S/8) faster than
-    # PyTorch's fused kernel (BENCHMARKS.md); on a GPU the fused (flash) kernel is the fast one.
+    # On CPU, at these batch sizes, plain attention ran 1.09x (ViT-B/16) to 1.39x (ViT-S/8) faster than PyTorch's
+    # fused kernel (BENCHMARKS.md); on a GPU the fused (flash) kernel is the fast one.
     backbone.set_fused_attention(device.type != "cpu")
     return backbone.to(device)
 

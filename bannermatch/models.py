@@ -131,7 +131,7 @@ def weights_identity(path: str | Path | None) -> str | None:
 @functools.lru_cache(maxsize=64)
 def _content_identity(files: tuple[tuple[str, str, int, int], ...]) -> str:
     """Keyed by path, size and modification time: each weights file is read once per process, not once per
-    recipe and again per model load (0.2 s for a ViT-B checkpoint). The name hashed is the one given (a
+    recipe and again per model load. The name hashed is the one given (a
     Hugging Face snapshot links to blobs named by their hash)."""
     h = hashlib.sha256()
     for name, resolved, _, _ in files:
