@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 
 from .errors import BannermatchError
+from .recipe import DTYPES
 from .steam import STEAM_CDN
+from .store import DEFAULT_STORE
 
 log = logging.getLogger("bannermatch")
 
 DEFAULT_IMAGES = "bannermatch_data/banners"
-DEFAULT_STORE = "bannermatch_data/features"
 EXAMPLE_QUERY = "227300"  # Euro Truck Simulator 2, the original write-up's query
 
 
@@ -31,8 +32,8 @@ def _arch(text: str) -> dict:
 
 
 def add_recipe_options(p: argparse.ArgumentParser) -> None:
-    from .features import DTYPES, PREPROCESSING, STRATEGIES
-    from .models import SOURCES, list_models
+    from .backbones import SOURCES, list_models
+    from .recipe import PREPROCESSING, STRATEGIES
 
     g = p.add_argument_group("feature recipe")
     g.add_argument("--model", default="dino_vitb16", choices=[m.name for m in list_models()], metavar="NAME",
@@ -42,8 +43,7 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--strategy", default="simple", choices=STRATEGIES, help="feature strategy (default: %(default)s)")
     g.add_argument("--multiscale", action="store_true", help="average features over scales 1, 1/sqrt(2), 1/2")
     g.add_argument("--preprocess", default="crop", choices=PREPROCESSING, help="crop, squash or keep the 2:3 shape (default: %(default)s)")
-    g.add_argument("--dtype", default="auto", choices=DTYPES, help="autocast dtype (default: bf16/fp16 where it is fast)")
-    g.add_argument("--n-last-blocks", type=int, help="`complex`: CLS tokens of this many last blocks")
+    g.add_argument("--n-last-blocks", type=int, help="`complex`: CLS tokens of this many last blocks (1-4)")
     g.add_argument("--avgpool", action=argparse.BooleanOptionalAction, default=None, help="`complex`: add the mean patch token")
     g.add_argument("--arch", type=_arch, default=None, metavar="K=V,...", help="architecture overrides (tiny test models)")
     p.add_argument("--store", default=DEFAULT_STORE, help="feature store folder (default: %(default)s)")
@@ -51,15 +51,15 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
 
 
 def recipe_from_args(args):
-    from .features import make_recipe
+    from .recipe import make_recipe
 
     return make_recipe(args.model, args.strategy, args.preprocess, args.multiscale, args.source, args.weights,
-                       args.dtype, args.device, args.n_last_blocks, args.avgpool, args.arch)
+                       args.n_last_blocks, args.avgpool, args.arch)
 
 
 def features_from_args(args):
     """The stored feature set the recipe options name (error if it has not been embedded yet)."""
-    from .features import load_features
+    from .store import load_features
 
     recipe = recipe_from_args(args)
     path = Path(args.store) / recipe.slug
@@ -78,7 +78,7 @@ def _positive(text: str) -> int:
 # ------------------------------------------------------------------------------------------ subcommands
 
 def cmd_models(args) -> None:
-    from .models import list_models
+    from .backbones import list_models
 
     print(f"{'name':<28} {'sources':<10} {'dim':>5} {'patch':>5}  {'input':<8} {'mean/std':<14} description")
     for m in list_models():
@@ -88,21 +88,21 @@ def cmd_models(args) -> None:
 
 
 def cmd_embed(args) -> None:
-    from .features import extract_features
+    from .extraction import extract_features
 
     recipe = recipe_from_args(args)
     fs = extract_features(args.images, recipe, args.store, args.weights, args.device, args.batch_size,
-                          args.workers, args.chunk_size, progress=not args.quiet, compile=args.compile)
+                          args.workers, args.chunk_size, progress=not args.quiet, compile=args.compile, dtype=args.dtype)
     print(f"{len(fs.keys)} banners embedded ({fs.features.shape[1]}-d) in {fs.path}"
           + (f"; {len(fs.skipped)} skipped (listed in {fs.path / 'manifest.json'})" if fs.skipped else ""))
 
 
 def cmd_match(args) -> None:
-    from .search import find_matches
+    from .matches import find_matches
 
     fs = features_from_args(args)
     m = find_matches(fs, args.k, args.device, args.precision, args.backend)
-    print(f"top-{args.k} matches of {len(fs.keys)} banners saved in {m.save()}/neighbours.npy and scores.npy")
+    print(f"top-{args.k} matches of {len(fs.keys)} banners ({m.precision} search) saved in {m.save()}")
 
 
 def _print_and_draw(fs, queries, k, out, weights=None, device=None, matches=None) -> None:
@@ -110,7 +110,7 @@ def _print_and_draw(fs, queries, k, out, weights=None, device=None, matches=None
 
     matplotlib.use("Agg")
     from .display import show_matches
-    from .search import query
+    from .query import query
 
     results = query(fs, queries, k=k, weights=weights, device=device, matches=matches)
     for r in results:
@@ -128,17 +128,17 @@ def cmd_show(args) -> None:
 
 def cmd_run(args) -> None:
     """The main job: banners (downloaded if absent), features, matches, and the example query's grid."""
-    from .features import extract_features
-    from .search import find_matches
-
     from .download import URL_TABLE, download_banners
 
     images = Path(args.images)
     # a download folder is always resumed (a no-op once complete); an empty or missing one is filled
     if not images.exists() or (images / URL_TABLE).exists() or (images.is_dir() and not any(images.iterdir())):
         print(download_banners(images, args.app_list, host=args.host, progress=not args.quiet).summary())
+    from .extraction import extract_features
+    from .matches import find_matches
+
     fs = extract_features(args.images, recipe_from_args(args), args.store, args.weights, args.device,
-                          progress=not args.quiet)
+                          progress=not args.quiet, dtype=args.dtype)
     matches = find_matches(fs, args.k, args.device)
     print(f"top-{args.k} matches of {len(fs.keys)} banners saved in {fs.path}")
     _print_and_draw(fs, args.queries, args.k, args.out, args.weights, args.device, matches)
@@ -158,14 +158,17 @@ def add_core_commands(sub) -> None:
     p.add_argument("--chunk-size", type=_positive, default=2048, help="images per saved chunk: the unit of resuming")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model: faster for thousands of banners, after 10-30 s of compiling")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="autocast precision (default: bf16, or fp16 on GPUs without bf16, where native; else fp32)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("match", help="top-k neighbours of every banner (exact cosine)")
     add_recipe_options(p)
     p.add_argument("-k", type=_positive, default=10, help="neighbours per banner (default: %(default)s)")
-    p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
-                   help="bfloat16: faster search, candidates rescored in float32")
+    p.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="auto: bfloat16 where the hardware has it natively (about 2x faster; candidates rescored in "
+                        "float32), else float32 (emulated bf16 is several times slower)")
     p.add_argument("--backend", default="torch", choices=("torch", "faiss"))
     p.set_defaults(func=cmd_match)
 
@@ -178,6 +181,7 @@ def add_core_commands(sub) -> None:
     add_recipe_options(p)
     p.add_argument("-k", type=_positive, default=10, help="neighbours per banner (default: %(default)s)")
     p.add_argument("--queries", nargs="+", default=[EXAMPLE_QUERY], help="what to show (default: %(default)s, Euro Truck Simulator 2)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="autocast precision (default: native bf16/fp16, else fp32)")
     p.add_argument("--out", default="bannermatch_data/matches.png", metavar="PNG", help="grid image (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
@@ -197,18 +201,18 @@ def cmd_evaluate(args) -> None:
     from .evaluate import compare, recipe_grid
 
     recipes = recipe_grid(args.models, args.strategies, args.preprocess, (False, True) if args.multiscale else (False,),
-                          source=args.source, weights=args.weights, dtype=args.dtype, device=args.device, arch=args.arch)
+                          source=args.source, weights=args.weights, arch=args.arch)
     result = compare(args.images, recipes, args.store, args.weights, args.device, args.k, args.queries, args.seed,
-                     args.transforms, progress=not args.quiet)
+                     args.transforms, progress=not args.quiet, dtype=args.dtype)
     paths = result.save(args.out)
     print(result.to_markdown())
     print(f"saved {paths['csv']}, {paths['md']} and {paths['png']}")
 
 
 def add_evaluate_command(sub) -> None:
+    from .backbones import SOURCES, list_models
     from .evaluate import TRANSFORMS
-    from .features import DTYPES, PREPROCESSING, STRATEGIES
-    from .models import SOURCES, list_models
+    from .recipe import PREPROCESSING, STRATEGIES
 
     p = sub.add_parser("evaluate", help="compare settings: copy detection, franchise precision@k, agreement")
     p.add_argument("images", nargs="?", default=DEFAULT_IMAGES, help="the banner collection (default: %(default)s)")

@@ -12,8 +12,9 @@ from pathlib import Path
 from PIL import Image
 
 from .errors import BannermatchError
-from .features import FeatureSet
-from .search import Matches, QueryResult, query
+from .matches import Matches
+from .query import QueryResult, query
+from .store import FeatureSet
 from .sources import ImageSource, SkipImage, decode_image, open_source
 
 

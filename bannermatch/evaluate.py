@@ -37,9 +37,12 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
 from .display import banner_images
 from .errors import BannermatchError
-from .features import (MANIFEST, FeatureSet, Recipe, embed_images, extract_features,
-                       load_backbone, make_recipe)
-from .search import find_matches, top_k
+from .extraction import embed_components, extract_features, load_backbone
+from .matches import find_matches
+from .pooling import COMPONENTS, view
+from .recipe import Recipe, make_recipe, resolve_device, resolve_dtype
+from .search import top_k
+from .store import DEFAULT_STORE, FeatureSet
 from .files import atomic_write
 from .sources import ImageSource, open_source
 
@@ -412,7 +415,7 @@ def recipe_grid(
 def compare(
     images: str | Path | ImageSource,
     recipes: Iterable[Recipe],
-    store: str | Path = "bannermatch_data/features",
+    store: str | Path = DEFAULT_STORE,
     weights: str | Path | None = None,
     device: str | None = None,
     k: int = 10,
@@ -420,11 +423,13 @@ def compare(
     seed: int = 0,
     transforms: Iterable[str] | None = None,
     progress: bool = True,
+    dtype: str = "auto",
 ) -> Comparison:
     """Copy detection, franchise precision@k and agreement for each recipe on one collection of banners.
 
     Features come from (or go into) the feature store, matches are cached there too, and so are the
-    embedded copies: a second call with the same arguments embeds nothing.
+    embedded copies: a second call with the same arguments embeds nothing. Recipes that differ only in their
+    strategy share one forward pass, over the collection and over the copies.
     """
     recipes = list(dict.fromkeys(recipes))
     if not recipes:
@@ -435,9 +440,10 @@ def compare(
     source = images if isinstance(images, ImageSource) else open_source(images)
     rows, neighbour_lists = [], []
     for recipe in recipes:
-        fs = extract_features(source, recipe, store, weights, device, progress=progress)
+        fs = extract_features(source, recipe, store, weights, device, progress=progress, dtype=dtype)
         matches = find_matches(fs, k, device)
-        copies, true_index, copy_names = _copy_features(fs, weights, device, n_queries, seed, transforms, progress)
+        copies, true_index, copy_names = _copy_features(fs, weights, device, n_queries, seed, transforms, progress,
+                                                        dtype)
         copy = copy_detection(copies, fs.features, true_index, copy_names, k, device=device)
         groups = franchise_groups({key: fs.name(key) for key in fs.keys})
         franchise = franchise_precision(matches.neighbours, fs.keys, groups, k)
@@ -469,8 +475,9 @@ def _aligned_overlap(a: tuple[list[str], np.ndarray], b: tuple[list[str], np.nda
 
 
 def _copy_features(fs: FeatureSet, weights, device, n_queries: int, seed: int, transforms: tuple[str, ...],
-                   progress: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Features of the transformed copies of a seeded sample of banners, cached beside the features.
+                   progress: bool, dtype: str = "auto") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features of the transformed copies of a seeded sample of banners. Their pooling components are cached
+    beside the features, so every strategy of the same forward pass reads them without embedding again.
 
     Returns (features [Q*T, D] query-major, the database row of each copy's original, each copy's transform).
     """
@@ -483,25 +490,32 @@ def _copy_features(fs: FeatureSet, weights, device, n_queries: int, seed: int, t
     sample = [key for key in sample if originals[key] is not None]
     if not sample:
         raise BannermatchError(f"the banners of {fs.path} cannot be read from {fs.images!r}; was the folder moved?")
-    manifest = json.loads((fs.path / MANIFEST).read_text())
-    digest = hashlib.sha256(json.dumps([_COPIES_VERSION, manifest.get("fingerprint"), seed, transforms, sample])
+    contents = [fs.digests[fs.index_of(key)] for key in sample]
+    digest = hashlib.sha256(json.dumps([_COPIES_VERSION, seed, transforms, sample, contents])
                             .encode()).hexdigest()[:16]
-    cache = fs.path / f"copies.{digest}.npy"
+    cache = fs.path / f"copies.{digest}.npz"
     true_index = np.repeat([fs.index_of(key) for key in sample], len(transforms))
     names = list(transforms) * len(sample)
-    if cache.is_file():
-        feats = np.load(cache, allow_pickle=False)
-        if feats.shape == (len(true_index), fs.features.shape[1]):
-            return feats, true_index, names
+    try:
+        with np.load(cache, allow_pickle=False) as data:
+            parts = {name: data[name] for name in COMPONENTS}
+        if len(parts["cls"]) == len(true_index):
+            return view(parts, fs.recipe).numpy(), true_index, names
         log.warning("%s does not match its sample; embedding the copies again", cache)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError):
+        log.warning("%s is damaged; embedding the copies again", cache)
     backbone = load_backbone(fs.recipe, weights, device)
+    run_dtype = resolve_dtype(dtype, resolve_device(device))
     jobs = [(key, t) for key in sample for t in transforms]
-    out = []
+    out: dict[str, list[np.ndarray]] = {name: [] for name in COMPONENTS}
     with tqdm(total=len(jobs), desc=f"embedding copies {fs.recipe.label}", unit="img", disable=not progress) as bar:
         for start in range(0, len(jobs), _COPY_BATCH):
             batch = [transformed_copy(originals[key], t, seed, key) for key, t in jobs[start:start + _COPY_BATCH]]
-            out.append(embed_images(batch, fs.recipe, backbone))
+            for name, values in embed_components(batch, fs.recipe, backbone, dtype=run_dtype).items():
+                out[name].append(values)
             bar.update(len(batch))
-    feats = np.concatenate(out).astype(np.float32)
-    atomic_write(cache, lambda fh: np.save(fh, feats, allow_pickle=False))
-    return feats, true_index, names
+    parts = {name: np.concatenate(values) for name, values in out.items()}
+    atomic_write(cache, lambda fh: np.savez(fh, **parts))
+    return view(parts, fs.recipe).numpy(), true_index, names

@@ -17,8 +17,9 @@ from PIL import Image
 
 from .display import iter_banners
 from .errors import BannermatchError
-from .features import FeatureSet
-from .search import Matches, QueryResult, find_matches, query
+from .matches import Matches, find_matches
+from .query import QueryResult, query
+from .store import FeatureSet
 from .steam import STEAM_CDN, banner_url
 
 IMAGE_MODES = ("local", "cdn")

@@ -6,26 +6,17 @@ are broken by index (lower first): results are the same on every run, whatever t
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import urllib.request
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import BannermatchError
-from .features import FeatureSet, embed_images, load_backbone, resolve_device
-from .files import atomic_write, file_digest
-from .steam import search_names
+from .recipe import resolve_device
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("float32", "bfloat16")
-BACKENDS = ("torch", "faiss")
 _CHUNK_BYTES = 256 << 20  # similarity block per step: bounds extra memory whatever N is
 _RESCORE_EXTRA = 16  # bf16 search keeps this many extra candidates, then rescores them in fp32
 _TIE_EXTRA = 4  # fp32 keeps a few extra, so ties of up to this many duplicates at the k-th place settle at once
@@ -222,186 +213,3 @@ def top_k_faiss(queries, database, k, exclude=None) -> tuple[np.ndarray, np.ndar
     keep = idx != np.asarray(exclude)[:, None]
     keep[keep.sum(1) > k, -1] = False  # self was not among the candidates: drop the last one instead
     return idx[keep].reshape(len(idx), k).astype(np.int64), scores[keep].reshape(len(idx), k)
-
-
-# ------------------------------------------------------------------------------------------ all vs all
-
-@dataclass
-class Matches:
-    """Top-k neighbours of every banner of a feature set: row i belongs to ``features.keys[i]``."""
-
-    features: FeatureSet
-    neighbours: np.ndarray  # int64 [N, k], indices into features.keys
-    scores: np.ndarray  # float32 [N, k], cosine similarity
-
-    @property
-    def k(self) -> int:
-        return self.neighbours.shape[1]
-
-    def of(self, key: str) -> list[tuple[str, float]]:
-        i = self.features.index_of(key)
-        return [(self.features.keys[j], float(s)) for j, s in zip(self.neighbours[i], self.scores[i])]
-
-    def save(self) -> Path:
-        path = self.features.path
-        atomic_write(path / "neighbours.npy", lambda fh: np.save(fh, self.neighbours, allow_pickle=False))
-        atomic_write(path / "scores.npy", lambda fh: np.save(fh, self.scores, allow_pickle=False))
-        meta = {"k": self.k, "count": len(self.features.keys), "keys_hash": _keys_hash(self.features.keys),
-                "features": self.features.recipe.slug,
-                "sha256": {f: file_digest(path / f) for f in ("neighbours.npy", "scores.npy")}}
-        atomic_write(path / "matches.json", lambda fh: fh.write(json.dumps(meta).encode()))
-        return path
-
-
-def _keys_hash(keys: list[str]) -> str:
-    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
-
-
-def _load_matches(features: FeatureSet, k: int) -> Matches | None:
-    path = features.path
-    try:
-        meta = json.loads((path / "matches.json").read_text())
-        if meta["keys_hash"] != _keys_hash(features.keys) or meta["k"] < k:
-            return None
-        if any(file_digest(path / f) != digest for f, digest in meta["sha256"].items()):
-            log.warning("%s: stored matches were changed or damaged; computing them again", path)
-            return None
-        nb = np.load(path / "neighbours.npy", allow_pickle=False)
-        sc = np.load(path / "scores.npy", allow_pickle=False)
-    except (OSError, ValueError, KeyError):
-        return None
-    return Matches(features, nb[:, :k].astype(np.int64), sc[:, :k].astype(np.float32))
-
-
-def find_matches(
-    features: FeatureSet,
-    k: int = 10,
-    device: str | None = None,
-    precision: str = "float32",
-    backend: str = "torch",
-    save: bool = True,
-) -> Matches:
-    """Top-k neighbours of every banner (itself excluded), reused from disk when already computed."""
-    if backend not in BACKENDS:
-        raise BannermatchError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
-    if save and (cached := _load_matches(features, k)) is not None:
-        return cached
-    n = len(features.keys)
-    if k > n - 1:
-        raise BannermatchError(f"k={k} is larger than the {n - 1} other banners there are to match")
-    if backend == "faiss":
-        idx, scores = top_k_faiss(features.features, features.features, k, np.arange(n))
-    else:
-        idx, scores = top_k_all_pairs(features.features, k, device, precision)
-    matches = Matches(features, idx, scores)
-    if save:
-        matches.save()
-    return matches
-
-
-# ------------------------------------------------------------------------------------------ queries
-
-@dataclass
-class QueryResult:
-    """A query (a stored banner, or a new image) and its top-k matches."""
-
-    key: str | None  # None for a new image
-    name: str
-    image: object  # PIL image of a new query, else None (read from the collection when shown)
-    matches: list[tuple[str, float]]
-
-    @property
-    def keys(self) -> list[str]:
-        """The stored banners this result shows: the query's own (unless it is a new image), then its matches'."""
-        return [key for key in [self.key, *(m for m, _ in self.matches)] if key]
-
-
-def resolve_key(features: FeatureSet, q: str, names: dict[str, str] | None = None) -> str:
-    """A stored key from an app id or a game name (case-insensitive search)."""
-    q = str(q).strip()
-    if q in features.index_map():
-        return q
-    names = names or features.names
-    in_set = {k: v for k, v in names.items() if k in features.index_map()}
-    hits = search_names(in_set, q, limit=5)
-    if not hits:
-        if q.isdigit():
-            raise BannermatchError(f"app id {q} is not in this feature set ({len(features.keys)} banners)")
-        raise BannermatchError(f"no game in this feature set has a name matching {q!r}")
-    if len(hits) > 1:
-        log.info("%r matches %s; using %s", q, ", ".join(f"{n} ({a})" for a, n in hits), hits[0][1])
-    return hits[0][0]
-
-
-def _open_query_image(q):
-    from PIL import Image
-
-    from .sources import SkipImage, decode_image
-
-    if isinstance(q, Image.Image):
-        return q.convert("RGB")
-    q = str(q)
-    try:
-        if q.startswith(("http://", "https://")):
-            with urllib.request.urlopen(q, timeout=30) as resp:
-                data = resp.read()
-        else:
-            data = Path(q).read_bytes()
-        return decode_image(data)
-    except SkipImage as exc:
-        raise BannermatchError(f"query {q} is not usable: {exc}") from None
-    except OSError as exc:
-        raise BannermatchError(f"cannot read query image {q}: {exc}") from None
-
-
-def _is_image_query(q) -> bool:
-    from PIL import Image
-
-    if isinstance(q, Image.Image):
-        return True
-    q = str(q)
-    return q.startswith(("http://", "https://")) or (os.path.sep in q or "." in q) and Path(q).is_file()
-
-
-def query(
-    features: FeatureSet,
-    queries,
-    k: int = 10,
-    names: dict[str, str] | None = None,
-    matches: Matches | None = None,
-    backbone=None,
-    weights: str | Path | None = None,
-    device: str | None = None,
-) -> list[QueryResult]:
-    """Top-k matches for app ids, game names, image files, URLs or PIL images (one or a list).
-
-    New images are embedded with the feature set's own recipe, so query and collection always agree.
-    """
-    if isinstance(queries, (str, int)) or not isinstance(queries, (list, tuple)):
-        queries = [queries]
-    names = names or features.names
-    results: list[QueryResult | None] = [None] * len(queries)
-    keys_at, images_at = [], []
-    for i, q in enumerate(queries):
-        (images_at if _is_image_query(q) else keys_at).append(i)
-    if keys_at:
-        keys = [resolve_key(features, str(queries[i]), names) for i in keys_at]
-        rows = np.array([features.index_of(key) for key in keys])
-        if matches is not None and matches.k >= k:
-            idx, scores = matches.neighbours[rows, :k], matches.scores[rows, :k]
-        else:
-            idx, scores = top_k(features.features[rows], features.features, k, rows, device)
-        for i, key, ix, sc in zip(keys_at, keys, idx, scores):
-            results[i] = QueryResult(key, names.get(key, ""), None,
-                                     [(features.keys[j], float(s)) for j, s in zip(ix, sc)])
-    if images_at:
-        imgs = [_open_query_image(queries[i]) for i in images_at]
-        backbone = backbone or load_backbone(features.recipe, weights, device)
-        if getattr(backbone, "spec", None) is None or backbone.spec.name != features.recipe.model:
-            raise BannermatchError(f"queries must be embedded with {features.recipe.model}, the feature set's model")
-        feats = embed_images(imgs, features.recipe, backbone)
-        idx, scores = top_k(feats, features.features, k, None, device)
-        for i, img, ix, sc in zip(images_at, imgs, idx, scores):
-            label = queries[i] if isinstance(queries[i], str) else "query image"
-            results[i] = QueryResult(None, str(label), img, [(features.keys[j], float(s)) for j, s in zip(ix, sc)])
-    return results

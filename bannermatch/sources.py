@@ -81,9 +81,13 @@ def decode_image(data: bytes) -> Image.Image:
         raise SkipImage("not an image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise SkipImage(f"corrupt image ({exc})") from None
+    return prepare_image(img)
+
+
+def prepare_image(img: Image.Image) -> Image.Image:
+    """An opened image as every banner and query is used: EXIF orientation applied, then RGB (:func:`to_rgb`)."""
     try:
-        img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
+        return to_rgb(ImageOps.exif_transpose(img))
     except (OSError, ValueError) as exc:
         raise SkipImage(f"corrupt image ({exc})") from None
 

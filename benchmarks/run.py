@@ -66,7 +66,7 @@ def make_banners(folder: Path, n: int) -> Path:
 def random_checkpoint(model: str, folder: Path) -> Path:
     """Random weights of the real architecture (no download): timm builds it without pretrained weights when
     given an architecture override, here the architecture's own depth."""
-    from bannermatch.models import create_model
+    from bannermatch.backbones import create_model
 
     depth = 12  # every DINO ViT has 12 blocks
     path = folder / f"{model}_random.pth"
@@ -79,9 +79,10 @@ def original_pipeline(images: list[Path], model: str, weights: Path, out: Path) 
     from PIL import Image
     from torchvision import transforms as T1
 
-    from bannermatch.features import load_backbone, make_recipe
+    from bannermatch.extraction import load_backbone
+    from bannermatch.recipe import make_recipe
 
-    recipe = make_recipe(model, weights=weights, dtype="float32", device="cpu")
+    recipe = make_recipe(model, weights=weights)
     backbone = load_backbone(recipe, weights, "cpu")
     for blk in backbone.model.blocks:
         blk.attn.fused_attn = False
@@ -91,23 +92,24 @@ def original_pipeline(images: list[Path], model: str, weights: Path, out: Path) 
     with torch.inference_mode():
         for path in images:
             x = transform(Image.open(path).convert("RGB"))[None]
-            feats.append(torch.nn.functional.normalize(backbone(x)[-1][:, 0], dim=-1)[0].numpy())
+            feats.append(torch.nn.functional.normalize(backbone(x)[-1][0], dim=-1)[0].numpy())
     np.save(out, np.stack(feats), allow_pickle=False)
 
 
-def model_only(embed, recipe, batch_size: int, n: int) -> None:
+def model_only(embed, recipe, batch_size: int, n: int, dtype: str = "float32") -> None:
     """The model (and pooling) alone on already preprocessed batches: the ceiling for the whole pipeline.
-    ``embed`` is a backbone (run through ``compute_features``) or a ``CompiledEmbedder``."""
-    from bannermatch.features import CompiledEmbedder, compute_features
+    ``embed`` is a backbone (run through ``compute_components``) or a ``CompiledEmbedder``."""
+    from bannermatch.extraction import CompiledEmbedder, compute_components
 
     x = torch.randn(batch_size, 3, *recipe.input_size())
     for start in range(0, n, batch_size):  # exactly n images, a short last batch included, as end to end
         batch = x[:min(batch_size, n - start)]
-        embed(batch) if isinstance(embed, CompiledEmbedder) else compute_features(embed, batch, recipe)
+        embed(batch) if isinstance(embed, CompiledEmbedder) else compute_components(embed, batch, recipe, dtype)
 
 
 def bench_embedding(args, tmp: Path) -> list[dict]:
-    from bannermatch.features import CompiledEmbedder, default_batch_size, extract_features, load_backbone, make_recipe
+    from bannermatch.extraction import CompiledEmbedder, extract_features, load_backbone
+    from bannermatch.recipe import default_batch_size, make_recipe, resolve_dtype
 
     folder = make_banners(tmp / "banners", args.images)
     images = sorted(folder.glob("*.jpg"))
@@ -116,40 +118,40 @@ def bench_embedding(args, tmp: Path) -> list[dict]:
     for short in args.models:
         model = MODELS[short]
         weights = random_checkpoint(model, tmp)
-        recipe = make_recipe(model, weights=weights, dtype="auto", device="cpu")
-        fp32 = make_recipe(model, weights=weights, dtype="float32", device="cpu")
-        backbone = {r.dtype: load_backbone(r, weights, "cpu") for r in (recipe, fp32)}
+        recipe = make_recipe(model, weights=weights)
+        dtype = resolve_dtype("auto", torch.device("cpu"))
+        model_backbone = load_backbone(recipe, weights, "cpu")
         batch = args.batch_size or default_batch_size(recipe, "cpu")
-        attention = "fused" if backbone[recipe.dtype].model.blocks[0].attn.fused_attn else "plain"
+        attention = "fused" if model_backbone.model.blocks[0].attn.fused_attn else "plain"
         other = "plain" if attention == "fused" else "fused"
         runs: dict[str, tuple[int, object]] = {
             "original-style (PIL, fp32, batch 1, eager attention)":
                 (len(baseline_images), lambda: original_pipeline(baseline_images, model, weights, tmp / "orig.npy")),
         }
         for w in args.workers:
-            runs[f"bannermatch extract_features ({recipe.dtype}, batch {batch}, workers={w})"] = (
+            runs[f"bannermatch extract_features ({dtype}, batch {batch}, workers={w})"] = (
                 len(images), lambda w=w: extract_features(folder, recipe, tempfile.mkdtemp(dir=tmp), weights, "cpu",
-                                                         batch, w, progress=False))
-        runs[f"model only ({recipe.dtype}, batch {batch}, {attention} attention)"] = (
-            len(images), lambda: model_only(backbone[recipe.dtype], recipe, batch, len(images)))
-        if recipe.dtype != "float32":
+                                                         batch, w, progress=False, dtype=dtype))
+        runs[f"model only ({dtype}, batch {batch}, {attention} attention)"] = (
+            len(images), lambda: model_only(model_backbone, recipe, batch, len(images), dtype))
+        if dtype != "float32":
             runs[f"model only (float32, batch {batch}, {attention} attention)"] = (
-                len(images), lambda: model_only(backbone["float32"], fp32, batch, len(images)))
-        runs[f"model only ({recipe.dtype}, batch {batch}, {other} attention)"] = (
-            len(images), lambda: _with_attention(backbone[recipe.dtype], other == "fused",
-                                                 lambda: model_only(backbone[recipe.dtype], recipe, batch, len(images))))
+                len(images), lambda: model_only(model_backbone, recipe, batch, len(images), "float32"))
+        runs[f"model only ({dtype}, batch {batch}, {other} attention)"] = (
+            len(images), lambda: _with_attention(model_backbone, other == "fused",
+                                                 lambda: model_only(model_backbone, recipe, batch, len(images), dtype)))
         if batch != 64:
-            runs[f"model only ({recipe.dtype}, batch 64, {attention} attention)"] = (
-                len(images), lambda: model_only(backbone[recipe.dtype], recipe, 64, len(images)))
+            runs[f"model only ({dtype}, batch 64, {attention} attention)"] = (
+                len(images), lambda: model_only(model_backbone, recipe, 64, len(images), dtype))
         if args.compile:
-            runs[f"bannermatch extract_features ({recipe.dtype}, batch {batch}, workers=0, compile=True)"] = (
+            runs[f"bannermatch extract_features ({dtype}, batch {batch}, workers=0, compile=True)"] = (
                 len(images), lambda: extract_features(folder, recipe, tempfile.mkdtemp(dir=tmp), weights, "cpu",
-                                                      batch, 0, progress=False, compile=True))
-            compiled = CompiledEmbedder(backbone[recipe.dtype], recipe, batch)
+                                                      batch, 0, progress=False, compile=True, dtype=dtype))
+            compiled = CompiledEmbedder(model_backbone, recipe, batch, dtype)
             start = time.perf_counter()
             model_only(compiled, recipe, batch, batch)  # the first batch compiles
             print(f"  [{short}] torch.compile: the first batch took {time.perf_counter() - start:.1f} s", file=sys.stderr)
-            runs[f"model only ({recipe.dtype}, batch {batch}, {attention} attention, compiled)"] = (
+            runs[f"model only ({dtype}, batch {batch}, {attention} attention, compiled)"] = (
                 len(images), lambda: model_only(compiled, recipe, batch, len(images)))
         rates = {name: [] for name in runs}
         for rep in range(args.repeats):  # interleaved: every pipeline sees the same share of the machine's load

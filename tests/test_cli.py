@@ -28,7 +28,7 @@ def test_run_embeds_matches_and_draws_the_example_query(banner_dir, tiny_weights
     listed = [line.split()[1] for line in lines[2:12]]
     assert len(set(listed)) == 10 and set(listed) <= set(APPS) - {"227300"}
     assert Image.open(out).size[0] > 500
-    assert list((tmp_path / "store").glob("*/neighbours.npy"))
+    assert list((tmp_path / "store").glob("*/matches/simple.*.npz"))
 
 
 def test_run_without_network_stops_at_once_with_the_offline_options(tmp_path):
@@ -47,7 +47,7 @@ def test_published_weights_unreachable_is_one_line(monkeypatch):
     import pytest
 
     from bannermatch import BannermatchError
-    from bannermatch.models import create_model
+    from bannermatch.backbones import create_model
 
     def no_network(*args, **kwargs):
         raise OSError("network is unreachable")

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bannermatch import evaluate, features
+from bannermatch import evaluate, extraction
+from bannermatch.store import MANIFEST
 from bannermatch.cli import main
 from bannermatch.errors import BannermatchError
 from bannermatch.evaluate import (TRANSFORMS, compare, copy_detection, franchise_groups, franchise_precision,
                                   franchise_stem, overlap_at_k, recipe_grid, transformed_copy)
-from bannermatch.features import make_recipe
+from bannermatch.recipe import make_recipe
 
 from conftest import APPS, TINY_ARCH, draw_banner
 
@@ -89,7 +90,7 @@ def test_random_transforms_depend_on_seed_and_key():
 def test_unknown_transform_is_a_clear_error(banner_dir, tiny_weights, tmp_path):
     with pytest.raises(BannermatchError, match="unknown transform sepia"):
         transformed_copy(draw_banner(0), "sepia", seed=0, key="10")
-    recipe = make_recipe("dino_vits16", weights=tiny_weights, arch=TINY_ARCH, dtype="float32")
+    recipe = make_recipe("dino_vits16", weights=tiny_weights, arch=TINY_ARCH)
     with pytest.raises(BannermatchError, match="unknown transform"):
         compare(banner_dir, [recipe], tmp_path, tiny_weights, "cpu", transforms=["sepia"], progress=False)
 
@@ -167,7 +168,7 @@ def test_overlap_at_k():
 
 def test_recipe_grid_is_the_product_and_skips_impossible_settings(caplog):
     grid = recipe_grid(["dino_vits16", "beit_base_pt22k_ft22k"], ["simple", "mean"], ["crop"], (False, True),
-                       source="timm", dtype="float32")
+                       source="timm")
     labels = [r.label for r in grid]
     assert len(grid) == 6  # 2 strategies x (DINO with and without multiscale + timm BEiT without)
     assert "dino_vits16 mean+multiscale crop" in labels and "beit_base_pt22k_ft22k simple crop" in labels
@@ -178,12 +179,17 @@ def test_recipe_grid_is_the_product_and_skips_impossible_settings(caplog):
 
 
 def test_compare_two_tiny_recipes_then_reuse_everything(banner_dir, tiny_weights, tmp_path, monkeypatch):
-    recipes = [make_recipe("dino_vits16", strategy, weights=tiny_weights, arch=TINY_ARCH, dtype="float32")
+    recipes = [make_recipe("dino_vits16", strategy, weights=tiny_weights, arch=TINY_ARCH)
                for strategy in ("simple", "gem")]
     store = tmp_path / "store"
     kwargs = dict(store=store, weights=tiny_weights, device="cpu", k=5, n_queries=6, seed=3,
                   transforms=["crop", "flip", "letterbox"], progress=False)
+    loads = []
+    real_load = evaluate.load_backbone
+    monkeypatch.setattr(evaluate, "load_backbone", lambda *a: loads.append(1) or real_load(*a))
+    monkeypatch.setattr(extraction, "load_backbone", lambda *a: loads.append(1) or real_load(*a))
     first = compare(banner_dir, recipes, **kwargs)
+    assert len(loads) == 2  # one pass over the banners and one over the copies serve both strategies
 
     assert [r["slug"] for r in first.rows] == [r.slug for r in recipes]
     assert [r["label"] for r in first.rows] == [r.label for r in recipes]
@@ -209,21 +215,21 @@ def test_compare_two_tiny_recipes_then_reuse_everything(banner_dir, tiny_weights
     assert Image.open(paths["png"]).size[0] > 100
     assert paths["md"].read_text() == markdown
 
-    manifests = {r.slug: (store / r.slug / features.MANIFEST).stat().st_mtime_ns for r in recipes}
+    manifests = {r.slug: (store / r.slug / MANIFEST).stat().st_mtime_ns for r in recipes}
 
     def no_model(*args, **kwargs):
         raise AssertionError("a second comparison loaded a model")
 
-    monkeypatch.setattr(features, "load_backbone", no_model)
+    monkeypatch.setattr(extraction, "load_backbone", no_model)
     monkeypatch.setattr(evaluate, "load_backbone", no_model)
     second = compare(banner_dir, recipes, **kwargs)
     assert second.rows == first.rows
     assert np.array_equal(second.agreement, first.agreement)
-    assert {r.slug: (store / r.slug / features.MANIFEST).stat().st_mtime_ns for r in recipes} == manifests
+    assert {r.slug: (store / r.slug / MANIFEST).stat().st_mtime_ns for r in recipes} == manifests
 
 
 def test_comparison_is_deterministic_for_a_seed(banner_dir, tiny_weights, tmp_path):
-    recipe = make_recipe("dino_vits16", weights=tiny_weights, arch=TINY_ARCH, dtype="float32")
+    recipe = make_recipe("dino_vits16", weights=tiny_weights, arch=TINY_ARCH)
     runs = [compare(banner_dir, [recipe], tmp_path / store, tiny_weights, "cpu", k=3, n_queries=4,
                     transforms=["jpeg", "colour", "overlay"], progress=False) for store in ("a", "b")]
     assert runs[0].rows == runs[1].rows  # features, copies and metrics all recomputed from scratch

@@ -8,8 +8,8 @@ import pytest
 
 from bannermatch.errors import BannermatchError
 from bannermatch.explorer import explore
-from bannermatch.features import extract_features, make_recipe
-from bannermatch.search import query
+from bannermatch import extract_features, make_recipe
+from bannermatch import query
 from conftest import APPS, TINY_ARCH
 
 
@@ -18,7 +18,7 @@ def store(banner_dir, tiny_weights, tmp_path_factory):
     """Two feature sets of the synthetic banners (same tiny model, two strategies: different neighbours)."""
     store = tmp_path_factory.mktemp("explorer_store")
     for strategy in ("simple", "complex"):
-        recipe = make_recipe("dino_vits16", strategy, weights=tiny_weights, arch=TINY_ARCH, device="cpu")
+        recipe = make_recipe("dino_vits16", strategy, weights=tiny_weights, arch=TINY_ARCH)
         extract_features(banner_dir, recipe, store, weights=tiny_weights, device="cpu", progress=False)
     return store
 

@@ -17,9 +17,9 @@ from PIL import Image
 
 from bannermatch.cli import main
 from bannermatch.errors import BannermatchError
-from bannermatch.features import extract_features, make_recipe
+from bannermatch import extract_features, make_recipe
 from bannermatch.gallery import write_gallery
-from bannermatch.search import find_matches
+from bannermatch import find_matches
 from bannermatch.steam import banner_url
 from conftest import APPS, TINY_ARCH
 
@@ -35,7 +35,7 @@ def evil_features(banner_dir, tiny_weights, tmp_path_factory):
     images = tmp_path_factory.mktemp("evil") / "banners"
     shutil.copytree(banner_dir, images)
     (images / "apps.json").write_text(json.dumps({**APPS, EVIL_KEY: EVIL_NAME}))
-    recipe = make_recipe("dino_vits16", weights=tiny_weights, arch=TINY_ARCH, device="cpu")
+    recipe = make_recipe("dino_vits16", weights=tiny_weights, arch=TINY_ARCH)
     store = images.parent / "store"
     return extract_features(images, recipe, store, weights=tiny_weights, device="cpu", progress=False)
 

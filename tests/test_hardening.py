@@ -105,7 +105,7 @@ def test_a_run_over_hostile_images_completes_and_reports_every_skip(tmp_path, ti
         (d / f"{key}.{suffix}").write_bytes(data)
     (d / "93.jpg").symlink_to(tmp_path / "outside.jpg")
     (tmp_path / "outside.jpg").write_bytes(_jpeg(draw_banner(10)))
-    recipe = make_recipe("dino_vits16", weights=tiny_weights, arch=TINY_ARCH, device="cpu")
+    recipe = make_recipe("dino_vits16", weights=tiny_weights, arch=TINY_ARCH)
     fs = extract_features(d, recipe, tmp_path / "store", tiny_weights, workers=0, progress=False)
     assert sorted(fs.keys) == sorted(good)
     reasons = {k: r for k, r in fs.skipped}
@@ -189,25 +189,34 @@ def test_unfinished_download_shards_are_not_read(tmp_path):
 
 @pytest.fixture
 def stored(banner_dir, tiny_weights, tmp_path):
-    recipe = make_recipe("dino_vits16", weights=tiny_weights, arch=TINY_ARCH, device="cpu")
+    recipe = make_recipe("dino_vits16", weights=tiny_weights, arch=TINY_ARCH)
     return extract_features(banner_dir, recipe, tmp_path / "store", tiny_weights, workers=0, chunk_size=8, progress=False)
+
+
+def _resave(path, **changes):
+    with np.load(path) as data:
+        arrays = {name: data[name] for name in data.files}
+    arrays.update(changes)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    path.write_bytes(buf.getvalue())
 
 
 def test_truncated_or_edited_files_get_a_clear_error(stored):
     manifest = stored.path / "manifest.json"
-    chunk = stored.path / "chunk_00001.npy"
-    original = chunk.read_bytes()
-    chunk.write_bytes(original[: len(original) // 2])
-    with pytest.raises(BannermatchError, match="chunk_00001.npy was changed or damaged.*embed again"):
+    segment = stored.path / "seg_00001.npz"
+    original = segment.read_bytes()
+    segment.write_bytes(original[: len(original) // 2])
+    with pytest.raises(BannermatchError, match="seg_00001.npz was changed or damaged.*embed again"):
         load_features(stored.path)
-    arr = np.load(io.BytesIO(original))
-    arr[0, 0] += 1  # a valid file with one edited number
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    chunk.write_bytes(buf.getvalue())
-    with pytest.raises(BannermatchError, match="chunk_00001.npy was changed"):
+    with np.load(io.BytesIO(original)) as data:
+        cls = data["cls"].copy()
+    cls[0, 0, 0] += 1  # a valid file with one edited number
+    segment.write_bytes(original)
+    _resave(segment, cls=cls)
+    with pytest.raises(BannermatchError, match="seg_00001.npz was changed"):
         load_features(stored.path)
-    chunk.write_bytes(original)
+    segment.write_bytes(original)
     assert load_features(stored.path).keys == stored.keys
 
     text = manifest.read_text()
@@ -221,27 +230,33 @@ def test_truncated_or_edited_files_get_a_clear_error(stored):
         load_features(stored.path)
 
 
-def test_damaged_chunk_is_recomputed_on_rerun(stored, banner_dir, tiny_weights):
-    chunk = stored.path / "chunk_00000.npy"
-    chunk.write_bytes(b"garbage")
+def test_damaged_segment_is_recomputed_on_rerun(stored, banner_dir, tiny_weights, caplog):
+    (stored.path / "seg_00000.npz").write_bytes(b"garbage")
     again = extract_features(banner_dir, stored.recipe, stored.path.parent, tiny_weights, workers=0, chunk_size=8, progress=False)
-    np.testing.assert_array_equal(again.features, stored.features)
+    assert "seg_00000.npz was changed or damaged since it was written; its banners are embedded again" in caplog.text
+    np.testing.assert_allclose(again.features, stored.features, atol=1e-6)
 
 
 def test_edited_matches_are_recomputed(stored):
     m = find_matches(stored, k=3)
-    nb = stored.path / "neighbours.npy"
     bad = m.neighbours.copy()
     bad[:, 0] = 0
-    np.save(nb, bad)
+    _resave(m.path, neighbours=bad)
     again = find_matches(stored, k=3)
     np.testing.assert_array_equal(again.neighbours, m.neighbours)
 
 
-def test_pickled_npy_is_refused(stored):
-    chunk = stored.path / "chunk_00000.npy"
-    np.save(chunk, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(BannermatchError, match="chunk_00000.npy"):
+def test_pickled_arrays_are_refused(stored):
+    from bannermatch.files import file_digest
+
+    segment = stored.path / "seg_00000.npz"
+    buf = io.BytesIO()
+    np.savez(buf, key=np.array([{"a": 1}], dtype=object))  # a pickle inside, with a matching digest in the manifest
+    segment.write_bytes(buf.getvalue())
+    manifest = json.loads((stored.path / "manifest.json").read_text())
+    manifest["segments"][0]["sha256"] = file_digest(segment)
+    (stored.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BannermatchError, match="seg_00000.npz is damaged"):
         load_features(stored.path)
 
 
@@ -262,17 +277,18 @@ def many_banners(tmp_path_factory):
 
 def test_kill_during_embed_and_match_then_resume_gives_identical_results(many_banners, tiny_weights, tmp_path):
     common = ["--model", "dino_vits16", "--weights", tiny_weights, "--arch", "embed_dim=48,depth=4,num_heads=3",
-              "--dtype", "float32", "--device", "cpu"]
-    ref = _cli("embed", many_banners, *common, "--store", tmp_path / "ref", "--chunk-size", "8", "--batch-size", "8",
-               "--workers", "0", "--quiet")
+              "--device", "cpu"]
+    embed = ["--dtype", "float32", "--chunk-size", "8", "--batch-size", "8", "--workers", "0", "--quiet"]
+    match = ["-k", "5", "--precision", "float32"]
+    ref = _cli("embed", many_banners, *common, *embed, "--store", tmp_path / "ref")
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
-    assert _cli("match", *common, "--store", tmp_path / "ref", "-k", "5").wait(timeout=120) == 0
+    assert _cli("match", *common, *match, "--store", tmp_path / "ref").wait(timeout=120) == 0
     reference = load_features(next((tmp_path / "ref").iterdir()))
-    ref_nb = np.load(reference.path / "neighbours.npy")
+    ref_nb = find_matches(reference, 5, precision="float32").neighbours
 
     def chunks_done(store):
         try:
-            return len(json.loads(next(store.iterdir()).joinpath("manifest.json").read_text())["chunks"])
+            return len(json.loads(next(store.iterdir()).joinpath("manifest.json").read_text())["segments"])
         except (StopIteration, OSError, ValueError):
             return 0
 
@@ -281,8 +297,7 @@ def test_kill_during_embed_and_match_then_resume_gives_identical_results(many_ba
         store = tmp_path / f"run{seed}"
         for _ in range(2):  # killed twice at random moments while chunks are being written, then left to finish
             target = min(chunks_done(store) + rng.randint(1, 3), 8)  # at least 4 of 12 chunks left to kill
-            proc = _cli("embed", many_banners, *common, "--store", store, "--chunk-size", "8", "--batch-size", "8",
-                        "--workers", "0", "--quiet", start_new_session=True)
+            proc = _cli("embed", many_banners, *common, *embed, "--store", store, start_new_session=True)
             while proc.poll() is None and chunks_done(store) < target:
                 time.sleep(0.02)
             time.sleep(rng.uniform(0, 0.05))
@@ -291,22 +306,23 @@ def test_kill_during_embed_and_match_then_resume_gives_identical_results(many_ba
                 proc.wait()
             folder = next(store.iterdir())
             manifest = json.loads((folder / "manifest.json").read_text())  # always whole, never half-written
-            for info in manifest["chunks"].values():  # every listed chunk is complete
-                assert np.load(folder / info["file"]).shape[0] == len(info["keys"])
-            assert len(manifest["chunks"]) < 12  # it really was interrupted
-        assert _cli("embed", many_banners, *common, "--store", store, "--chunk-size", "8", "--batch-size", "8",
-                    "--workers", "0", "--quiet").wait(timeout=300) == 0
+            for info in manifest["segments"]:  # every listed segment is complete
+                with np.load(folder / info["file"]) as data:
+                    assert data["cls"].shape[0] == len(data["key"]) == info["rows"]
+            assert len(manifest["segments"]) < 12  # it really was interrupted
+        assert _cli("embed", many_banners, *common, *embed, "--store", store).wait(timeout=300) == 0
         resumed = load_features(next(store.iterdir()))
         assert resumed.keys == reference.keys
         np.testing.assert_array_equal(resumed.features, reference.features)
 
-        match = _cli("match", *common, "--store", store, "-k", "5", start_new_session=True)
+        proc = _cli("match", *common, *match, "--store", store, start_new_session=True)
         time.sleep(rng.uniform(0.5, 3.0))
-        if match.poll() is None:
-            os.killpg(match.pid, signal.SIGKILL)
-            match.wait()
-        assert _cli("match", *common, "--store", store, "-k", "5").wait(timeout=120) == 0
-        np.testing.assert_array_equal(np.load(resumed.path / "neighbours.npy"), ref_nb)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        assert _cli("match", *common, *match, "--store", store).wait(timeout=120) == 0
+        with np.load(find_matches(resumed, 5, precision="float32").path) as saved:
+            np.testing.assert_array_equal(saved["neighbours"], ref_nb)
 
 
 # ------------------------------------------------------------------------------------------ CLI errors

@@ -1,8 +1,8 @@
-"""Models: a registry of named self-supervised backbones behind one interface.
+"""Backbones: a registry of named self-supervised vision transformers behind one interface.
 
-Every backbone returns the normed token sequences ``[B, prefix + patches, D]`` of its last ``n`` blocks,
-whatever its source (timm, torch.hub, Hugging Face), so every feature strategy works with every model.
-Each registry entry carries its own preprocessing defaults (mean, std, interpolation, input size).
+Every backbone returns the CLS token and the patch tokens of its last ``n`` blocks, with the token norm its
+checkpoint was trained with, whatever its source (timm, torch.hub, Hugging Face), so every pooling works with
+every model. Each registry entry carries its own preprocessing defaults (mean, std, interpolation, input size).
 """
 
 from __future__ import annotations
@@ -67,10 +67,13 @@ def _dino(name: str, size: str, patch: int, dim: int) -> None:
     ))
 
 
-def _dinov2(name: str, size: str, dim: int) -> None:
+def _dinov2(name: str, size: str, dim: int, registers: bool) -> None:
+    reg = "_reg4" if registers else ""
     register_model(ModelSpec(
-        name, "dinov2", dim, 14, timm_name=f"vit_{size}_patch14_dinov2.lvd142m",
-        hub=("facebookresearch/dinov2", name), description=f"DINOv2 ViT-{size[0].upper()}/14",
+        name + ("_reg4" if registers else ""), "dinov2", dim, 14, timm_name=f"vit_{size}_patch14{reg}_dinov2.lvd142m",
+        # ":main" names the cached checkout; without a ref torch.hub asks GitHub for the default branch
+        hub=("facebookresearch/dinov2:main", name + ("_reg" if registers else "")),
+        description=f"DINOv2 ViT-{size[0].upper()}/14" + (" with 4 registers" if registers else ""),
     ))
 
 
@@ -86,7 +89,8 @@ for _n, _s, _p, _d in [("dino_vits16", "small", 16, 384), ("dino_vits8", "small"
                        ("dino_vitb16", "base", 16, 768), ("dino_vitb8", "base", 8, 768)]:
     _dino(_n, _s, _p, _d)
 for _n, _s, _d in [("dinov2_vits14", "small", 384), ("dinov2_vitb14", "base", 768), ("dinov2_vitl14", "large", 1024)]:
-    _dinov2(_n, _s, _d)
+    for _reg in (False, True):
+        _dinov2(_n, _s, _d, _reg)
 for _size, _d in [("base", 768), ("large", 1024)]:
     _beit(f"beit_{_size}_pt22k", _d, None, f"microsoft/beit-{_size}-patch16-224-pt22k",
           f"BEiT-{_size[0].upper()}/16, self-supervised on ImageNet-22k (no labels)")
@@ -161,29 +165,42 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BannermatchError(f"{path} does not hold a state dict of tensors")
-    # DINO training checkpoints prefix their keys with "module." and "backbone."
-    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    # DINO training checkpoints prefix their keys with "module." and "backbone.", and carry the projection
+    # head ("head.*"), which is not part of the backbone
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    return {k: v for k, v in state.items() if not k.startswith("head.")}
 
 
 # ------------------------------------------------------------------------------------------ backbones
 
 class Backbone(nn.Module):
-    """``forward(x, n_last)`` -> the normed token sequences of the last ``n_last`` blocks, oldest first."""
+    """One interface over every source: ``forward(x, n_last)`` -> ``[(cls, patches), ...]`` for the last
+    ``n_last`` blocks, oldest first, with the model's token norm applied.
 
-    num_prefix_tokens = 1
+    Each backbone declares its token layout: how many prefix tokens (CLS, registers) come before the patches
+    (only the CLS is kept; registers are never pooled), the norm its checkpoint trained for every token
+    (DINO's ``norm``, BEiT-pt22k's top-level ``layernorm``; none for mean-pooling BEiT) and the norm of the
+    mean-pooled patch token (:attr:`pool_norm`: BEiT's trained ``fc_norm``/``pooler.layernorm``, else none).
+    """
+
     dynamic_size = True  # accepts inputs of any size that is a multiple of the patch size
 
-    def __init__(self, spec: ModelSpec, model: nn.Module, embed_dim: int, depth: int):
+    def __init__(self, spec: ModelSpec, model: nn.Module, embed_dim: int, depth: int, num_prefix_tokens: int,
+                 pool_norm: nn.Module | None = None):
         super().__init__()
         self.spec = spec
         self.model = model
         self.embed_dim = embed_dim
         self.depth = depth
-        #: applied to mean-pooled patch tokens: BEiT's own pooling norm, identity for DINO.
-        self.pool_norm: nn.Module = nn.Identity()
+        self.num_prefix_tokens = num_prefix_tokens
+        self.pool_norm: nn.Module = pool_norm if pool_norm is not None else nn.Identity()
 
-    def forward(self, x: torch.Tensor, n_last: int = 1) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, n_last: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
+
+    def split(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CLS, patch tokens) of a full token sequence ``[B, prefix + patches, D]``."""
+        return tokens[:, 0], tokens[:, self.num_prefix_tokens:]
 
     def set_fused_attention(self, enabled: bool) -> None:
         """timm blocks: PyTorch's fused attention (``scaled_dot_product_attention``) or the plain softmax(QK^T)V.
@@ -193,65 +210,35 @@ class Backbone(nn.Module):
                 block.attn.fused_attn = enabled
 
 
-class TimmViT(Backbone):
-    """timm VisionTransformer (DINO, DINOv2): explicit block loop, as DINO's get_intermediate_layers."""
+class TimmBackbone(Backbone):
+    """timm ViT (DINO, DINOv2 with or without registers) and BEiT, through timm's own ``forward_intermediates``."""
 
     def forward(self, x, n_last=1):
-        m = self.model
-        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
-        out = []
-        for i, blk in enumerate(m.blocks):
-            x = blk(x)
-            if i >= len(m.blocks) - n_last:
-                out.append(m.norm(x))
-        return out
-
-
-class TimmBeit(Backbone):
-    dynamic_size = False  # relative position bias tables are built for one input size
-
-    def __init__(self, spec, model, embed_dim, depth):
-        super().__init__(spec, model, embed_dim, depth)
-        self.pool_norm = model.fc_norm
-
-    def forward(self, x, n_last=1):
-        m = self.model
-        x = m.patch_embed(x)
-        x = torch.cat((m.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        if m.pos_embed is not None:
-            x = x + m.pos_embed
-        x = m.pos_drop(x)
-        rel_pos_bias = m.rel_pos_bias() if m.rel_pos_bias is not None else None
-        out = []
-        for i, blk in enumerate(m.blocks):
-            x = blk(x, shared_rel_pos_bias=rel_pos_bias)
-            if i >= len(m.blocks) - n_last:
-                out.append(m.norm(x))
-        return out
+        layers = self.model.forward_intermediates(x, indices=n_last, norm=True, output_fmt="NLC",
+                                                  intermediates_only=True, return_prefix_tokens=True)
+        return [(prefix[:, 0], patches) for patches, prefix in layers]
 
 
 class HubDino(Backbone):
     """DINO / DINOv2 as published on torch.hub, through their own ``get_intermediate_layers``."""
 
     def forward(self, x, n_last=1):
-        if self.spec.family == "dinov2":
+        if self.spec.family == "dinov2":  # patch tokens without CLS and registers, and the CLS apart
             layers = self.model.get_intermediate_layers(x, n_last, return_class_token=True, norm=True)
-            return [torch.cat((cls[:, None], patches), dim=1) for patches, cls in layers]
-        return list(self.model.get_intermediate_layers(x, n_last))
+            return [(cls, patches) for patches, cls in layers]
+        return [self.split(t) for t in self.model.get_intermediate_layers(x, n_last)]
 
 
 class HFBeit(Backbone):
-    """``transformers.BeitModel``: the true CLS token of ``last_hidden_state``, not a head's output."""
+    """``transformers`` BEiT: hidden states (before any norm) through the checkpoint's own token norm."""
 
-    def __init__(self, spec, model, embed_dim, depth):
-        super().__init__(spec, model, embed_dim, depth)
-        if getattr(model, "pooler", None) is not None:
-            self.pool_norm = model.pooler.layernorm
+    def __init__(self, spec, model, embed_dim, depth, num_prefix_tokens, pool_norm, token_norm: nn.Module):
+        super().__init__(spec, model, embed_dim, depth, num_prefix_tokens, pool_norm)
+        self.token_norm = token_norm
 
     def forward(self, x, n_last=1):
         out = self.model(pixel_values=x, output_hidden_states=True, interpolate_pos_encoding=True)
-        # hidden_states[-1] is last_hidden_state before the model's final norm (identity when mean-pooling)
-        return [self.model.layernorm(h) for h in out.hidden_states[-n_last:]]
+        return [self.split(self.token_norm(h)) for h in out.hidden_states[-n_last:]]
 
 
 def _require_host(host: str, cached: bool) -> None:
@@ -272,52 +259,58 @@ def _in_hf_cache(repo_id: str, filenames: tuple[str, ...]) -> bool:
     return any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in filenames)
 
 
-def _create_timm(spec, weights, arch, img_size) -> Backbone:
+def _create_timm(spec, weights, arch) -> Backbone:
     import timm
 
-    kwargs = dict(num_classes=0, img_size=img_size, **(arch or {}))
-    cls = TimmBeit if spec.family == "beit" else TimmViT
-    if cls is TimmViT:
+    # No img_size: position embeddings stay at the size they were trained at (DINOv2: 37x37 for 518 px) and are
+    # interpolated once, at each input's size, as Meta's code does; BEiT's relative position tables are fixed.
+    kwargs = dict(num_classes=0, **(arch or {}))
+    if spec.family != "beit":
         kwargs["dynamic_img_size"] = True
     if weights is not None:
-        # The same path as downloaded weights, so timm's checkpoint filter adapts them (position embeddings).
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(state_dict=load_state_dict(weights)))
         if Path(weights).is_dir():
             raise BannermatchError(f"{weights} is a folder; timm weights are one .pth/.safetensors file")
+        # The same path as downloaded weights, so timm's checkpoint filter adapts them (DINOv2's keys, registers).
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(state_dict=load_state_dict(weights)))
     else:
         kwargs["pretrained"] = not arch  # an architecture override has no published weights
         if kwargs["pretrained"]:
-            hf_id = f"timm/{spec.timm_name}"
-            _require_host("huggingface.co", _in_hf_cache(hf_id, ("model.safetensors", "pytorch_model.bin")))
-    if cls is TimmViT and kwargs["pretrained"]:
+            _require_host("huggingface.co", _in_hf_cache(f"timm/{spec.timm_name}", ("model.safetensors", "pytorch_model.bin")))
+    if kwargs["pretrained"] and spec.family != "beit":
         kwargs["weight_init"] = "skip"  # every weight is loaded next; timm's initialisation would be thrown away
     try:
         model = timm.create_model(spec.timm_name, **kwargs)
     except RuntimeError as exc:
         raise BannermatchError(f"weights do not fit {spec.name}: {str(exc).splitlines()[0]}") from None
-    return cls(spec, model, model.embed_dim, len(model.blocks))
+    backbone = TimmBackbone(spec, model, model.embed_dim, len(model.blocks), model.num_prefix_tokens,
+                            getattr(model, "fc_norm", None))
+    backbone.dynamic_size = spec.family != "beit"
+    return backbone
 
 
-def _create_hub(spec, weights, arch, img_size) -> Backbone:
+def hub_checkout(repo: str) -> Path:
+    """Where torch.hub keeps a GitHub checkout of ``owner/name:ref``."""
+    owner, name_ref = repo.split("/")
+    return Path(torch.hub.get_dir()) / f"{owner}_{name_ref.replace(':', '_')}"
+
+
+def _create_hub(spec, weights, arch) -> Backbone:
     repo, entry = spec.hub
-    source = "github"
-    if Path(repo).is_dir():
-        source = "local"
+    source = "local" if Path(repo).is_dir() else "github"
     if source == "github":
-        owner, name_ref = repo.split("/")
-        checkout = Path(torch.hub.get_dir()) / f"{owner}_{name_ref.replace(':', '_')}"
-        _require_host("github.com", checkout.is_dir())
+        _require_host("github.com", hub_checkout(repo).is_dir())
     model = torch.hub.load(repo, entry, source=source, pretrained=weights is None, trust_repo=True, **(arch or {}))
     if weights is not None:
-        missing, unexpected = model.load_state_dict(load_state_dict(weights), strict=False)
+        missing, _ = model.load_state_dict(load_state_dict(weights), strict=False)
         if missing:
             raise BannermatchError(f"weights do not fit {spec.name}: missing {', '.join(missing[:3])}")
-    return HubDino(spec, model, model.embed_dim, len(model.blocks))
+    prefix = 1 + getattr(model, "num_register_tokens", 0)
+    return HubDino(spec, model, model.embed_dim, len(model.blocks), prefix)
 
 
-def _create_hf(spec, weights, arch, img_size) -> Backbone:
+def _create_hf(spec, weights, arch) -> Backbone:
     try:
-        from transformers import BeitConfig, BeitModel
+        from transformers import BeitConfig, BeitForImageClassification, BeitForMaskedImageModeling, BeitModel
     except ImportError:
         raise BannermatchError("Hugging Face models need: pip install 'bannermatch[hf]'") from None
     where = str(weights) if weights is not None else spec.hf_name
@@ -326,8 +319,19 @@ def _create_hf(spec, weights, arch, img_size) -> Backbone:
     else:
         if weights is None:
             _require_host("huggingface.co", _in_hf_cache(spec.hf_name, ("config.json",)))
-        model = BeitModel.from_pretrained(where, add_pooling_layer=True, attn_implementation="sdpa")
-    return HFBeit(spec, model, model.config.hidden_size, model.config.num_hidden_layers)
+        # The class the checkpoint was published as, so every trained weight is loaded: pt22k is a masked image
+        # model whose trained final norm is its top-level `layernorm` (BeitModel would drop it, and make a fresh,
+        # untrained pooler); the fine-tuned ones are classifiers whose pooler norm is trained.
+        architecture = (BeitConfig.from_pretrained(where).architectures or ["BeitModel"])[0]
+        cls = {"BeitForMaskedImageModeling": BeitForMaskedImageModeling,
+               "BeitForImageClassification": BeitForImageClassification}.get(architecture, BeitModel)
+        model = cls.from_pretrained(where, attn_implementation="sdpa")
+    beit = model if isinstance(model, BeitModel) else model.beit
+    token_norm = beit.layernorm  # identity when the model mean-pools
+    if isinstance(model, BeitForMaskedImageModeling):
+        token_norm = nn.Sequential(token_norm, model.layernorm)
+    pooler_norm = getattr(getattr(beit, "pooler", None), "layernorm", None)
+    return HFBeit(spec, beit, beit.config.hidden_size, beit.config.num_hidden_layers, 1, pooler_norm, token_norm)
 
 
 _CREATORS = {"timm": _create_timm, "hub": _create_hub, "hf": _create_hf}
@@ -338,7 +342,6 @@ def create_model(
     source: str | None = None,
     weights: str | Path | None = None,
     arch: dict | None = None,
-    img_size: tuple[int, int] = (224, 224),
 ) -> Backbone:
     """Build a registered backbone in eval mode.
 
@@ -353,7 +356,7 @@ def create_model(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # models without published weights (arch overrides) are reproducible
-            backbone = _CREATORS[source](spec, weights, arch, img_size)
+            backbone = _CREATORS[source](spec, weights, arch)
     except BannermatchError:
         raise
     except OSError as exc:

@@ -1,0 +1,349 @@
+"""Extraction: preprocessing, the batched forward pass, and embedding a collection into the feature store.
+
+Extraction is batched and streamed (images are read, hashed, decoded and resized while the model runs), runs
+under autocast, and writes each finished segment to the store at once, so an interrupted run resumes where it
+stopped and a re-run embeds only banners whose bytes are new.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.transforms import v2 as T
+
+from .backbones import Backbone, create_model, get_spec, weights_identity
+from .errors import BannermatchError
+from .pooling import COMPONENTS, pool_components, view
+from .recipe import (MULTISCALE, STORED_BLOCKS, Recipe, default_batch_size, resolve_device, resolve_dtype)
+from .sources import ImageSource, SkipImage, decode_image, open_source, prepare_image
+from .store import DEFAULT_STORE, FeatureSet, FeatureStore, content_digest, listing_identity
+
+log = logging.getLogger(__name__)
+
+_KEEP_MIN_ASPECT = 1.25  # height / width below which `keep` pads the banner (2:3 is 1.5)
+
+
+# ------------------------------------------------------------------------------------------ preprocessing
+
+def build_transform(recipe: Recipe):
+    """PIL image -> normalised tensor of ``recipe.input_size()``.
+
+    crop: short side to size/0.875 then centre-crop (DINO's evaluation, the original pipeline);
+    squash: resize to a square, distorting the 2:3 banner; keep: the banner's own 2:3 shape, nothing lost.
+    """
+    spec = get_spec(recipe.model)
+    interpolation = T.InterpolationMode(spec.interpolation)
+    height, width = recipe.input_size()
+    if recipe.preprocess == "crop":
+        resize = [T.Resize(int(width / 0.875), interpolation=interpolation, antialias=True), T.CenterCrop(width)]
+    elif recipe.preprocess == "squash":
+        resize = [T.Resize((height, width), interpolation=interpolation, antialias=True)]
+    else:
+        resize = [T.Resize(width, interpolation=interpolation, antialias=True), T.CenterCrop((height, width))]
+    return T.Compose([T.PILToTensor(), *resize, T.ToDtype(torch.float32, scale=True), T.Normalize(spec.mean, spec.std)])
+
+
+def _padded_by_keep(img: Image.Image, recipe: Recipe) -> bool:
+    return recipe.preprocess == "keep" and img.height / img.width < _KEEP_MIN_ASPECT
+
+
+# ------------------------------------------------------------------------------------------ the forward pass
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+@torch.inference_mode()
+def compute_components(backbone: Backbone, images: torch.Tensor, recipe: Recipe, dtype: str = "float32") -> dict[str, torch.Tensor]:
+    """One forward pass per scale -> the pooling components (:mod:`bannermatch.pooling`), float32, summed over
+    scales: every strategy is read from them."""
+    device = images.device
+    patch = backbone.spec.patch_size
+    n_last = min(STORED_BLOCKS, backbone.depth)
+    total: dict[str, torch.Tensor] | None = None
+    for scale in MULTISCALE if recipe.multiscale else (1.0,):
+        x = images
+        if scale != 1.0:  # whole image rescaled to whole patches (DINO's conv would drop the remainder)
+            size = [max(patch, int(s * scale) // patch * patch) for s in images.shape[-2:]]
+            x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        with _autocast(device, dtype):
+            parts = pool_components(backbone(x, n_last), backbone.pool_norm)
+        parts = {name: value.float() for name, value in parts.items()}
+        total = parts if total is None else {name: total[name] + parts[name] for name in total}
+    return total
+
+
+def compute_features(backbone: Backbone, images: torch.Tensor, recipe: Recipe, dtype: str = "float32") -> torch.Tensor:
+    """L2-normalised features ``[B, F]`` (float32) of ``recipe``'s strategy for a batch of preprocessed images."""
+    return view(compute_components(backbone, images, recipe, dtype), recipe)
+
+
+class CompiledEmbedder:
+    """``compute_components`` through ``torch.compile``, with the weights frozen into the graph (inference only).
+
+    On the 2-core CPU of BENCHMARKS.md the compiled ViT-S/16 ran 1.23x the eager one after 9-26 s of compiling
+    (warm or cold compiler cache), so it pays off from about 3,000-9,000 images. Batches are padded to one size,
+    so the graph is compiled once; if compiling fails (no C++ compiler, an unsupported operation), the eager
+    model goes on.
+    """
+
+    def __init__(self, backbone: Backbone, recipe: Recipe, batch_size: int, dtype: str):
+        import torch._inductor.config  # noqa: F401  (freezing is set per call below)
+
+        self.backbone, self.recipe, self.batch_size, self.dtype = backbone, recipe, batch_size, dtype
+        self.compiled = torch.compile(backbone, dynamic=False)
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.compiled is not None:
+            n = len(images)
+            padded = torch.cat([images, images.new_zeros(self.batch_size - n, *images.shape[1:])]) \
+                if n < self.batch_size else images
+            try:
+                with torch._inductor.config.patch(freezing=True):
+                    parts = compute_components(self.compiled, padded, self.recipe, self.dtype)
+                return {name: value[:n] for name, value in parts.items()}
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # compilers fail in too many ways to list; the eager model is always there
+                log.warning("torch.compile failed, embedding without it: %s", str(exc).strip().splitlines()[0])
+                self.compiled = None
+        return compute_components(self.backbone, images, self.recipe, self.dtype)
+
+
+@contextlib.contextmanager
+def _cpu_heap_kept(device: torch.device):
+    """glibc's malloc hands big freed blocks back to the OS and faults fresh pages in for the next batch: that
+    churn made the model 1.2x slower inside ``extract_features`` than alone (BENCHMARKS.md). So blocks under
+    256 MB come from the heap and up to 1 GB of it stays free between batches (process-wide settings, they
+    stay); when the run ends, the free memory goes back to the OS. No-op without glibc."""
+    libc = None
+    try:
+        if device.type == "cpu":
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt.argtypes, libc.malloc_trim.argtypes = [ctypes.c_int, ctypes.c_int], [ctypes.c_size_t]
+            libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD: blocks below 256 MB come from the heap, are reused
+            libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of free heap between batches
+    except (OSError, AttributeError):
+        libc = None
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.malloc_trim(0)
+
+
+def load_backbone(recipe: Recipe, weights: str | Path | None = None, device=None) -> Backbone:
+    """The model a recipe names; local ``weights`` must be the very file the recipe was made with."""
+    if weights_identity(weights) != recipe.weights:
+        raise BannermatchError(
+            "these features were made with " + (f"local weights {recipe.weights}" if recipe.weights else "the published weights")
+            + "; pass the same --weights to embed queries"
+        )
+    backbone = create_model(recipe.model, recipe.source, weights, dict(recipe.arch) or None)
+    device = resolve_device(device)
+    # On CPU, at these batch sizes, plain attention ran 1.09x (ViT-B/16) to 1.39x (ViT-S/8) faster than PyTorch's
+    # fused kernel (BENCHMARKS.md); on a GPU the fused (flash) kernel is the fast one.
+    backbone.set_fused_attention(device.type != "cpu")
+    return backbone.to(device)
+
+
+def embed_components(images: Iterable[Image.Image], recipe: Recipe, backbone: Backbone, batch_size: int = 32,
+                     dtype: str = "float32") -> dict[str, np.ndarray]:
+    """Pooling components for in-memory images (queries, edited copies), decoded and preprocessed exactly as the
+    stored banners were."""
+    transform = build_transform(recipe)
+    device = next(backbone.parameters()).device
+    out: dict[str, list[np.ndarray]] = {name: [] for name in COMPONENTS}
+    batch: list[torch.Tensor] = []
+    for img in [*images, None]:
+        if img is not None:
+            batch.append(transform(prepare_image(img)))
+        if batch and (img is None or len(batch) == batch_size):
+            parts = compute_components(backbone, torch.stack(batch).to(device), recipe, dtype)
+            for name in COMPONENTS:
+                out[name].append(parts[name].cpu().numpy())
+            batch = []
+    if not out["cls"]:
+        blocks = min(STORED_BLOCKS, backbone.depth)
+        return {"cls": np.zeros((0, blocks, backbone.embed_dim), np.float32),
+                **{name: np.zeros((0, backbone.embed_dim), np.float32) for name in ("mean", "gem")}}
+    return {name: np.concatenate(values) for name, values in out.items()}
+
+
+def embed_images(images: Iterable[Image.Image], recipe: Recipe, backbone: Backbone, batch_size: int = 32,
+                 dtype: str = "float32") -> np.ndarray:
+    """Features of ``recipe``'s strategy for in-memory images, as :func:`embed_components`."""
+    return view(embed_components(images, recipe, backbone, batch_size, dtype), recipe).numpy()
+
+
+# ------------------------------------------------------------------------------------------ a collection
+
+class _Decoded(IterableDataset):
+    """Reads the wanted images, hashes their bytes, and decodes and preprocesses those whose digest is not stored
+    yet; each DataLoader worker takes every W-th one. Yields ``(index, digest, tensor | None, skip reason)``."""
+
+    def __init__(self, source: ImageSource, todo: list[int], stored: set[str], recipe: Recipe):
+        self.source, self.todo, self.stored, self.recipe = source, todo, stored, recipe
+        self.transform = build_transform(recipe)
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = set(self.todo[wid::workers])
+        seen = set(self.stored)
+        for i, _, data in self.source.read(mine.__contains__):
+            digest = content_digest(data)
+            if digest in seen:  # stored already, or the same bytes earlier in this run (placeholders)
+                yield i, digest, None, ""
+                continue
+            seen.add(digest)
+            try:
+                img = decode_image(data)
+                reason = "padded" if _padded_by_keep(img, self.recipe) else ""
+                yield i, digest, self.transform(img), reason
+            except SkipImage as exc:
+                yield i, digest, None, str(exc) or "unusable"
+
+
+def _collate(samples):
+    embed = [(i, d, x) for i, d, x, _ in samples if x is not None]
+    return {"indices": [i for i, _, _ in embed], "digests": [d for _, d, _ in embed],
+            "images": torch.stack([x for _, _, x in embed]) if embed else None,
+            "settled": [(i, d) for i, d, x, r in samples if x is None and not r],
+            "skipped": [(i, d, r) for i, d, x, r in samples if x is None and r],
+            "padded": sum(r == "padded" for _, _, x, r in samples if x is not None)}
+
+
+def extract_features(
+    images: str | Path | ImageSource,
+    recipe: Recipe,
+    store: str | Path = DEFAULT_STORE,
+    weights: str | Path | None = None,
+    device: str | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    chunk_size: int = 2048,
+    progress: bool = True,
+    compile: bool = False,
+    dtype: str = "auto",
+) -> FeatureSet:
+    """Embed a collection with ``recipe``'s forward pass into ``store/<recipe.slug>/`` and return its features.
+
+    Only banners whose bytes are not stored yet are embedded: a re-run embeds nothing, an update embeds what is
+    new or changed, an interrupted run resumes. Unusable images are skipped with a warning and listed; the run
+    goes on. ``dtype`` is the autocast precision (``auto``: bf16/fp16 where the hardware has it natively);
+    ``batch_size`` defaults to :func:`~bannermatch.recipe.default_batch_size`; ``workers`` (decoding processes)
+    to none on a CPU, up to 4 with a GPU. ``compile`` runs the model through ``torch.compile``
+    (:class:`CompiledEmbedder`): worth it for thousands of images.
+    """
+    from tqdm.auto import tqdm
+
+    source = images if isinstance(images, ImageSource) else open_source(images)
+    fstore = FeatureStore.open(Path(store) / recipe.slug, recipe, create=True)
+    fstore.rows()  # checks every segment's digest
+    for file in fstore.damaged:
+        log.warning("%s was changed or damaged since it was written; its banners are embedded again", file)
+    identities = {i: listing_identity(e) for i, e in enumerate(source.entries)}
+    known = fstore.manifest["identities"]
+    digest_of: dict[int, str] = {i: known[ident] for i, ident in identities.items()
+                                 if ident in known and fstore.known(known[ident])}
+    todo = [i for i in range(len(source)) if i not in digest_of]
+    if todo:
+        dev = resolve_device(device)
+        run_dtype = resolve_dtype(dtype, dev)
+        stored = set(fstore.rows()) | set(fstore.manifest["failed"])
+        batch_size = batch_size or default_batch_size(recipe, dev)
+        if workers is None:  # on a CPU the model's threads use every core already; a decoding process only
+            # preempts them (2 cores: 92% of model-only throughput with none, 86% with 2; BENCHMARKS.md)
+            workers = 0 if dev.type == "cpu" else min(4, os.cpu_count() or 1)
+        loader = DataLoader(_Decoded(source, todo, stored, recipe), batch_size=batch_size, num_workers=workers,
+                            collate_fn=_collate, pin_memory=dev.type == "cuda", persistent_workers=False,
+                            prefetch_factor=4 if workers else None)
+        backbone = embed = None
+        pending: dict[str, list] = {"entries": [], **{name: [] for name in COMPONENTS}}
+        learnt: dict[str, str] = {}
+        failed: dict[str, str] = {}
+        padded = 0
+        run = {"dtype": run_dtype, "device": dev.type, "blocks": None}
+
+        def flush(final: bool = False):
+            """Write whole segments of ``chunk_size`` banners (and, at the end, the rest)."""
+            while len(pending["entries"]) >= chunk_size or (final and pending["entries"]):
+                parts = {n: np.concatenate(pending[n]) for n in COMPONENTS}
+                take = min(chunk_size, len(pending["entries"]))
+                fstore.add_segment(pending["entries"][:take], {n: v[:take] for n, v in parts.items()},
+                                   run, dict(learnt), dict(failed))
+                learnt.clear()
+                failed.clear()
+                pending["entries"] = pending["entries"][take:]
+                for n, v in parts.items():
+                    pending[n] = [v[take:]]
+
+        with _cpu_heap_kept(dev), tqdm(total=len(todo), desc=f"embedding {recipe.label}", unit="img",
+                                       disable=not progress) as bar:
+            started = time.perf_counter()
+            for batch in loader:
+                for i, digest in batch["settled"]:
+                    digest_of[i] = digest
+                    learnt[identities[i]] = digest
+                for i, digest, reason in batch["skipped"]:
+                    log.warning("skipped %s: %s", source.entries[i].key, reason)
+                    failed[digest] = reason
+                    digest_of[i] = digest
+                    learnt[identities[i]] = digest
+                if batch["indices"]:
+                    if backbone is None:  # loaded only when something is new
+                        backbone = load_backbone(recipe, weights, dev)
+                        run["blocks"] = min(STORED_BLOCKS, backbone.depth)
+                        embed = CompiledEmbedder(backbone, recipe, batch_size, run_dtype) if compile else (
+                            lambda x: compute_components(backbone, x, recipe, run_dtype))
+                    parts = embed(batch["images"].to(dev, non_blocking=True))
+                    for name in COMPONENTS:
+                        pending[name].append(parts[name].cpu().numpy())
+                    for i, digest in zip(batch["indices"], batch["digests"]):
+                        pending["entries"].append((source.entries[i].key, digest))
+                        digest_of[i] = digest
+                        learnt[identities[i]] = digest
+                    padded += batch["padded"]
+                bar.update(len(batch["indices"]) + len(batch["settled"]) + len(batch["skipped"]))
+                flush()
+            flush(final=True)
+            if learnt or failed:
+                fstore.record(learnt, failed)
+        if padded:
+            log.warning("keep: %d banners are wider than 2:3 (square archives, for one) and were padded to the "
+                        "2:3 input; use crop or squash for them", padded)
+        log.debug("embedded %d images in %.1f s", len(todo), time.perf_counter() - started)
+    _save_collection(fstore, source, digest_of)
+    fstore.add_view(recipe)
+    return fstore.feature_set(recipe)
+
+
+def _save_collection(fstore: FeatureStore, source: ImageSource, digest_of: dict[int, str]) -> None:
+    """The collection is the listed images, in order, whose features are stored; the rest are reported."""
+    failed = fstore.manifest["failed"]
+    entries, skipped = [], []
+    for i, e in enumerate(source.entries):
+        digest = digest_of.get(i)
+        if digest in failed:
+            skipped.append([e.key, failed[digest]])
+        elif digest is not None:
+            entries.append([e.key, digest])
+    collection = {"images": str(Path(source.path).resolve()), "entries": entries, "names": source.names,
+                  "skipped": skipped + [list(s) for s in source.report.skipped],
+                  "duplicates": [list(d) for d in source.report.duplicates]}
+    if collection != fstore.manifest.get("collection"):
+        fstore.record({}, {}, collection)

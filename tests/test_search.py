@@ -1,0 +1,164 @@
+"""Search: exact top-k kernels against brute force, ties, bf16 and faiss; all-vs-all matches and queries."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bannermatch import BannermatchError, extract_features, find_matches, make_recipe, query
+from bannermatch import search as search_mod
+from bannermatch.search import top_k
+
+from conftest import APPS, TINY_ARCH
+
+
+def _recipe(tiny_weights, **kw):
+    return make_recipe("dino_vits16", weights=tiny_weights, arch=TINY_ARCH, **kw)
+
+
+# ------------------------------------------------------------------------------------------ search
+
+def _all_pairs_top_k(x, k, **kw):
+    """``top_k`` of every row against all rows, itself excluded: the general path and the symmetric one."""
+    return top_k(x, x, k, exclude=np.arange(len(x)), **kw), search_mod.top_k_all_pairs(x, k, **kw)
+
+
+@pytest.mark.parametrize("n,d,k", [(103, 16, 7), (64, 8, 1)])
+def test_search_equals_brute_force(n, d, k, monkeypatch):
+    monkeypatch.setattr(search_mod, "_CHUNK_BYTES", 4 * n * 10)  # 10-row chunks: N is not a multiple
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    full = x @ x.T
+    np.fill_diagonal(full, -np.inf)
+    ref = np.argsort(-full, axis=1, kind="stable")[:, :k]
+    for idx, scores in _all_pairs_top_k(x, k):
+        np.testing.assert_array_equal(idx, ref)
+        np.testing.assert_allclose(scores, np.take_along_axis(full, ref, 1), atol=1e-6)
+        assert not (idx == np.arange(n)[:, None]).any()
+
+
+@pytest.mark.parametrize("copies", [6, 40])  # 40: more tied duplicates than the extra candidates kept
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_ties_are_broken_by_index_across_the_kth_place(copies, precision, monkeypatch):
+    base = np.eye(4, dtype=np.float32)
+    x = np.concatenate([base[[0]]] * copies + [base[[1]]] * 3)  # identical banners: ties for k=3
+    monkeypatch.setattr(search_mod, "_CHUNK_BYTES", 4 * len(x) * 7)  # the ties span several blocks
+    for idx, scores in _all_pairs_top_k(x, 3, precision=precision):
+        assert idx[0].tolist() == [1, 2, 3] and idx[copies - 1].tolist() == [0, 1, 2]
+        assert idx[copies + 1].tolist() == [copies, copies + 2, 0]
+        assert np.all(scores[:copies] == 1.0) and scores[copies + 1].tolist() == [1.0, 1.0, 0.0]
+        for _ in range(2):
+            assert np.array_equal(search_mod.top_k_all_pairs(x, 3, precision=precision)[0], idx)
+
+
+def _reference_top_k(x: np.ndarray, k: int) -> np.ndarray:
+    """Brute force in float64, each row's scores summed elementwise (identical vectors score identically)."""
+    x64 = x.astype(np.float64)
+    out = []
+    for i in range(len(x)):
+        scores = (x64[i] * x64).sum(axis=1)
+        scores[i] = -np.inf
+        out.append(np.argsort(-scores, kind="stable")[:k])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0])  # unit vectors, and features that were never normalised
+def test_duplicate_banners_tie_exactly_wherever_the_blocks_fall(scale, monkeypatch):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1500, 384)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True) / scale
+    copies = np.sort(rng.choice(1500, 150, replace=False))
+    x[copies] = x[copies[0]]  # one banner 150 times: a matrix product rounds its scores by position
+    monkeypatch.setattr(search_mod, "_CHUNK_BYTES", 4 * len(x) * 250)  # 6 blocks
+    ref = _reference_top_k(x, 10)
+    for idx, scores in _all_pairs_top_k(x, 10):
+        np.testing.assert_array_equal(idx, ref)
+        assert np.all(np.diff(scores, axis=1) <= 0)
+    assert ref[copies[-1]].tolist() == copies[:10].tolist()  # a copy's matches: the first copies, in order
+
+
+def test_all_pairs_search_equals_the_general_search_on_clustered_features(monkeypatch):
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((150, 48))
+    x = (centres[rng.integers(0, 150, 3001)] + 0.3 * rng.standard_normal((3001, 48))).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # close neighbours, as in a game series
+    monkeypatch.setattr(search_mod, "_CHUNK_BYTES", 4 * len(x) * 500)  # 7 blocks, the last one short
+    for precision in search_mod.PRECISIONS:
+        (idx, scores), (pair_idx, pair_scores) = _all_pairs_top_k(x, 10, precision=precision)
+        np.testing.assert_array_equal(pair_idx, idx)
+        np.testing.assert_allclose(pair_scores, scores, atol=1e-6)
+
+
+def test_bf16_search_and_faiss_agree_with_exact():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2000, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    exact, scores = top_k(x, x, 10, np.arange(2000))
+    for fast, fast_scores in _all_pairs_top_k(x, 10, precision="bfloat16"):
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, fast)])
+        assert recall >= 0.99
+        same = fast == exact
+        np.testing.assert_allclose(fast_scores[same], scores[same], atol=1e-6)  # rescored exactly in fp32
+    f_idx, f_scores = search_mod.top_k_faiss(x, x, 10, np.arange(2000))
+    assert np.mean(f_idx == exact) > 0.999
+    np.testing.assert_allclose(f_scores, scores, atol=1e-5)
+
+
+def test_k_larger_than_collection_is_an_error():
+    x = np.eye(5, dtype=np.float32)
+    with pytest.raises(BannermatchError, match="k=5 is larger than the 4"):
+        top_k(x, x, 5, exclude=np.arange(5))
+
+
+# ------------------------------------------------------------------------------------------ matching and queries
+
+def test_matches_saved_and_near_duplicate_is_top1(banner_dir, tiny_weights, tmp_path):
+    import shutil
+
+    d = tmp_path / "imgs"
+    shutil.copytree(banner_dir, d)
+    original = Image.open(banner_dir / "227300.jpg")
+    buf = io.BytesIO()
+    original.resize((290, 436)).save(buf, "JPEG", quality=60)  # re-encoded and slightly resized
+    (d / "999999.jpg").write_bytes(buf.getvalue())
+    fs = extract_features(d, _recipe(tiny_weights), tmp_path / "f", tiny_weights, workers=0, progress=False)
+    m = find_matches(fs, k=5)
+    assert m.of("999999")[0][0] == "227300"  # the near-duplicate finds its original first
+    assert m.neighbours.dtype == np.int64
+    with np.load(m.path) as saved:
+        assert saved["neighbours"].shape == (21, 5)
+    again = find_matches(fs, k=3)  # reused from disk, sliced
+    np.testing.assert_array_equal(again.neighbours, m.neighbours[:, :3])
+
+
+def test_query_by_key_name_and_new_image(banner_dir, tiny_weights, tmp_path):
+    fs = extract_features(banner_dir, _recipe(tiny_weights), tmp_path, tiny_weights, workers=0, progress=False)
+    by_key, by_name, by_image = query(fs, ["227300", "euro truck simulator 2", str(banner_dir / "227300.jpg")],
+                                      k=3, weights=tiny_weights)
+    assert by_key.key == by_name.key == "227300" and by_key.name == "Euro Truck Simulator 2"
+    assert by_key.matches == by_name.matches and "227300" not in [k for k, _ in by_key.matches]
+    assert by_image.key is None and by_image.matches[0][0] == "227300" and by_image.matches[0][1] > 0.99
+    with pytest.raises(BannermatchError, match="no game in this feature set"):
+        query(fs, "definitely not a game title")
+    with pytest.raises(BannermatchError, match="not in this feature set"):
+        query(fs, "123456789")
+
+
+def test_show_matches_draws_query_and_topk(banner_dir, tiny_weights, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from bannermatch.display import show_matches
+
+    fs = extract_features(banner_dir, _recipe(tiny_weights), tmp_path, tiny_weights, workers=0, progress=False)
+    fig = show_matches(fs, "Euro Truck Simulator 2", k=10, save=tmp_path / "grid.png")
+    drawn = [ax for ax in fig.axes if ax.images]
+    assert len(drawn) == 11  # query + 10 matches, each with its banner
+    titles = [ax.get_title() for ax in drawn]
+    assert titles[0].startswith("QUERY\nEuro Truck Simulator 2") and "227300" in titles[0]
+    assert all(any(APPS[k][:10] in t for k in APPS) for t in titles[1:])
+    assert Image.open(tmp_path / "grid.png").size[0] > 500

@@ -1,0 +1,245 @@
+"""The feature store: one forward pass for every strategy, only changed banners embedded, resumable, device-free."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bannermatch import BannermatchError, extract_features, find_matches, load_features, make_recipe, query
+from bannermatch import extraction
+from bannermatch.extraction import build_transform, compute_features, load_backbone
+from bannermatch.store import FeatureStore, list_feature_sets
+
+from conftest import TINY_ARCH, draw_banner
+
+
+def _recipe(tiny_weights, **kw):
+    return make_recipe("dino_vits16", weights=tiny_weights, arch=TINY_ARCH, **kw)
+
+
+@pytest.fixture
+def model_calls(monkeypatch):
+    """How many images went through the model, counted where every embedding passes."""
+    calls = []
+    real = extraction.compute_components
+    monkeypatch.setattr(extraction, "compute_components",
+                        lambda b, x, r, d="float32": calls.append(len(x)) or real(b, x, r, d))
+    return calls
+
+
+def _embed(images, recipe, store, weights, **kw):
+    kw.setdefault("workers", 0)
+    return extract_features(images, recipe, store, weights, progress=False, **kw)
+
+
+def test_extract_store_resume_and_cache(banner_dir, tiny_weights, tmp_path, monkeypatch, model_calls):
+    recipe = _recipe(tiny_weights)
+    full = _embed(banner_dir, recipe, tmp_path / "a", tiny_weights, batch_size=4, chunk_size=6)
+    assert len(full.keys) == 20 and full.features.shape == (20, 48) and sum(model_calls) == 20
+    assert full.names["227300"] == "Euro Truck Simulator 2"
+
+    # interrupted after two segments, then resumed: identical features, no image embedded twice
+    written = []
+    real_add = FeatureStore.add_segment
+
+    def add_then_die(self, *args):
+        real_add(self, *args)
+        written.append(1)
+        if len(written) == 2:
+            raise KeyboardInterrupt
+
+    model_calls.clear()
+    monkeypatch.setattr(FeatureStore, "add_segment", add_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _embed(banner_dir, recipe, tmp_path / "b", tiny_weights, batch_size=4, chunk_size=6)
+    first = sum(model_calls)
+    with pytest.raises(BannermatchError, match="incomplete"):
+        load_features(tmp_path / "b" / recipe.slug)
+    monkeypatch.setattr(FeatureStore, "add_segment", real_add)
+    resumed = _embed(banner_dir, recipe, tmp_path / "b", tiny_weights, batch_size=4, chunk_size=6)
+    assert sum(model_calls) - first == 20 - 12  # only the banners of the two missing segments were computed
+    assert resumed.keys == full.keys
+    np.testing.assert_array_equal(resumed.features, full.features)
+
+    model_calls.clear()  # an identical recipe on the same images recomputes nothing, reads no image
+    monkeypatch.setattr(extraction, "decode_image", lambda data: pytest.fail("an unchanged banner was decoded"))
+    again = _embed(banner_dir, recipe, tmp_path / "b", tiny_weights, chunk_size=6)
+    assert model_calls == [] and again.keys == full.keys
+
+
+def test_one_forward_pass_serves_every_strategy(banner_dir, tiny_weights, tmp_path, model_calls):
+    simple = _embed(banner_dir, _recipe(tiny_weights), tmp_path, tiny_weights)
+    assert sum(model_calls) == 20
+    backbone = load_backbone(simple.recipe, tiny_weights, "cpu")
+    transform = build_transform(simple.recipe)
+    x = torch.stack([transform(Image.open(banner_dir / f"{key}.jpg").convert("RGB")) for key in simple.keys[:4]])
+    for strategy in ("complex", "gem", "mean"):
+        recipe = _recipe(tiny_weights, strategy=strategy)
+        assert recipe.slug == simple.recipe.slug  # the same store folder
+        before = sum(model_calls)
+        fs = _embed(banner_dir, recipe, tmp_path, tiny_weights)
+        assert sum(model_calls) == before  # no new pass
+        direct = compute_features(backbone, x, recipe)
+        np.testing.assert_allclose(fs.features[:4], direct.numpy(), atol=2e-3)  # stored as float16
+    # the explorer lists every strategy that was asked for
+    assert sorted(fs.recipe.strategy for fs in list_feature_sets(tmp_path)) == ["complex", "gem", "mean", "simple"]
+
+
+def test_only_new_and_changed_banners_are_embedded(banner_dir, tiny_weights, tmp_path, model_calls):
+    d = tmp_path / "imgs"
+    shutil.copytree(banner_dir, d)
+    recipe = _recipe(tiny_weights)
+    _embed(d, recipe, tmp_path / "store", tiny_weights, chunk_size=8)
+    find_matches(load_features(tmp_path / "store" / recipe.slug, recipe), 5, precision="float32")
+    for i, appid in enumerate(["900001", "900002", "900003"]):  # M = 3 new
+        draw_banner(500 + i).save(d / f"{appid}.jpg")
+    for appid in ["570", "620"]:  # C = 2 changed
+        draw_banner(int(appid)).save(d / f"{appid}.jpg")
+    for appid in ["10", "70"]:  # R = 2 removed
+        (d / f"{appid}.jpg").unlink()
+    model_calls.clear()
+    updated = _embed(d, recipe, tmp_path / "store", tiny_weights, chunk_size=8)
+    assert sum(model_calls) == 3 + 2
+    assert len(updated.keys) == 20 + 3 - 2 and not {"10", "70"} & set(updated.keys)
+
+    scratch = _embed(d, recipe, tmp_path / "scratch", tiny_weights, chunk_size=8)
+    assert updated.keys == scratch.keys
+    np.testing.assert_array_equal(updated.features, scratch.features)
+    np.testing.assert_array_equal(find_matches(updated, 5, precision="float32").neighbours,
+                                  find_matches(scratch, 5, precision="float32").neighbours)
+
+    # the same bytes under another name, or moved to another folder, are found, not embedded again
+    model_calls.clear()
+    moved = tmp_path / "moved"
+    shutil.copytree(d, moved)
+    shutil.copy(d / "227300.jpg", moved / "999999.jpg")
+    again = _embed(moved, recipe, tmp_path / "store", tiny_weights, chunk_size=8)
+    assert model_calls == [] and len(again.keys) == len(updated.keys) + 1
+    np.testing.assert_array_equal(again.features[again.index_of("999999")], again.features[again.index_of("227300")])
+
+
+def test_store_folder_and_matches_do_not_depend_on_the_device_or_precision(banner_dir, tiny_weights, tmp_path,
+                                                                          model_calls):
+    recipe = _recipe(tiny_weights)
+    bf16 = _embed(banner_dir, recipe, tmp_path, tiny_weights, dtype="bfloat16")
+    model_calls.clear()
+    fp32 = _embed(banner_dir, recipe, tmp_path, tiny_weights, dtype="float32")  # another machine: nothing to redo
+    assert model_calls == [] and fp32.path == bf16.path
+    manifest = json.loads((fp32.path / "manifest.json").read_text())
+    assert {seg["dtype"] for seg in manifest["segments"]} == {"bfloat16"} and manifest["segments"][0]["device"] == "cpu"
+    assert "dtype" not in recipe.to_dict()
+
+
+def test_manifest_records_the_pass_and_segments_are_plain_numpy(banner_dir, tiny_weights, tmp_path):
+    recipe = _recipe(tiny_weights)
+    fs = _embed(banner_dir, recipe, tmp_path, tiny_weights, chunk_size=8)
+    manifest = json.loads((fs.path / "manifest.json").read_text())
+    assert manifest["recipe"] == recipe.pass_dict() and manifest["recipe"]["weights"].startswith("sha256:")
+    assert manifest["collection"]["images"] == str(banner_dir.resolve())
+    keys, digests = [], []
+    for seg in manifest["segments"]:
+        with np.load(fs.path / seg["file"], allow_pickle=False) as data:  # what another tool reads
+            keys += data["key"].tolist()
+            digests += data["digest"].tolist()
+            assert data["cls"].shape == (seg["rows"], 4, 48) and data["mean"].shape == data["gem"].shape == (seg["rows"], 48)
+    assert sorted(keys) == sorted(fs.keys) and sorted(digests) == sorted(fs.digests)
+
+
+def test_corrupt_images_are_skipped_and_reported(banner_dir, tiny_weights, tmp_path):
+    d = tmp_path / "imgs"
+    shutil.copytree(banner_dir, d)
+    (d / "999.jpg").write_bytes(b"")
+    (d / "998.jpg").write_bytes(b"not an image at all")
+    (d / "997.jpg").write_bytes((banner_dir / "10.jpg").read_bytes()[:500])
+    fs = _embed(d, _recipe(tiny_weights), tmp_path / "f", tiny_weights)
+    assert len(fs.keys) == 20 and not {"997", "998", "999"} & set(fs.keys)
+    reasons = dict(fs.skipped)
+    assert reasons["999"] == "empty file" and reasons["998"] == "not an image"
+    assert reasons["997"].startswith("corrupt image")
+    again = _embed(d, _recipe(tiny_weights), tmp_path / "f", tiny_weights)  # known failures: reported, not retried
+    assert dict(again.skipped) == reasons
+
+
+def test_the_images_folder_is_stored_absolute(banner_dir, tiny_weights, tmp_path, monkeypatch):
+    """Bug: the folder was stored as typed (``banners``) and read from wherever the next command ran."""
+    from bannermatch.display import banner_images
+
+    monkeypatch.chdir(banner_dir.parent)
+    fs = _embed(banner_dir.name, _recipe(tiny_weights), tmp_path / "store", tiny_weights)
+    other = tmp_path / "elsewhere"
+    (other / banner_dir.name).mkdir(parents=True)  # another folder with its own ./banners
+    draw_banner(9999).save(other / banner_dir.name / "227300.jpg")
+    monkeypatch.chdir(other)
+    shown = banner_images(load_features(fs.path), ["227300"])["227300"]
+    assert np.array_equal(np.asarray(shown), np.asarray(Image.open(banner_dir / "227300.jpg").convert("RGB")))
+
+
+def test_keep_on_square_banners_says_so_in_one_line(tiny_weights, tmp_path, caplog):
+    d = tmp_path / "square"
+    d.mkdir()
+    for i in range(3):
+        draw_banner(i, size=(224, 224)).save(d / f"{100 + i}.jpg")
+    draw_banner(7).save(d / "200.jpg")  # a real 2:3 banner is not padded
+    with caplog.at_level(logging.WARNING):
+        _embed(d, _recipe(tiny_weights, preprocess="keep"), tmp_path / "store", tiny_weights)
+    lines = [r.getMessage() for r in caplog.records if "padded" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("keep: 3 banners are wider than 2:3")
+
+
+def test_complex_blocks_beyond_what_a_pass_stores_are_refused(tiny_weights):
+    with pytest.raises(BannermatchError, match="between 1 and 4"):
+        _recipe(tiny_weights, strategy="complex", n_last_blocks=5)
+
+
+def test_compiled_embedding_equals_eager_and_compiles_once(banner_dir, tiny_weights, tmp_path, caplog):
+    recipe = _recipe(tiny_weights)
+    eager = extract_features(banner_dir, recipe, tmp_path / "a", tiny_weights, batch_size=8, progress=False)
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]
+    before = graphs["unique_graphs"]
+    compiled = extract_features(banner_dir, recipe, tmp_path / "b", tiny_weights, batch_size=8, progress=False,
+                                compile=True)  # 20 banners: batches of 8, 8 and 4 (padded to 8)
+    assert graphs["unique_graphs"] - before == 1 and "torch.compile failed" not in caplog.text
+    assert compiled.keys == eager.keys
+    np.testing.assert_allclose(compiled.features, eager.features, atol=2e-3)  # stored as float16
+
+
+def test_embedding_goes_on_eager_when_compiling_fails(banner_dir, tiny_weights, tmp_path, caplog, monkeypatch):
+    class BrokenCompile:  # what torch.compile returns: the module's attributes, a forward that fails on first use
+        def __init__(self, module, **kwargs):
+            self.module = module
+
+        def __getattr__(self, name):
+            return getattr(self.module, name)
+
+        def __call__(self, *args, **kwargs):
+            raise RuntimeError("C++ compile error: cannot find a compiler\nlong log ...")
+
+    recipe = _recipe(tiny_weights)
+    eager = extract_features(banner_dir, recipe, tmp_path / "a", tiny_weights, progress=False)
+    monkeypatch.setattr(torch, "compile", BrokenCompile)
+    fs = extract_features(banner_dir, recipe, tmp_path / "b", tiny_weights, progress=False, compile=True)
+    assert caplog.text.count("torch.compile failed, embedding without it: C++ compile error") == 1
+    np.testing.assert_array_equal(fs.features, eager.features)
+
+
+def test_dataloader_workers_give_the_same_features(banner_dir, tiny_weights, tmp_path):
+    recipe = _recipe(tiny_weights)
+    a = extract_features(banner_dir, recipe, tmp_path / "a", tiny_weights, workers=0, batch_size=3, progress=False)
+    b = extract_features(banner_dir, recipe, tmp_path / "b", tiny_weights, workers=2, batch_size=3, chunk_size=7, progress=False)
+    assert a.keys == b.keys
+    np.testing.assert_allclose(a.features, b.features, atol=2e-3)  # stored as float16
+
+
+def test_recipe_mismatch_is_refused(banner_dir, tiny_weights, tmp_path):
+    fs = extract_features(banner_dir, _recipe(tiny_weights), tmp_path, tiny_weights, workers=0, progress=False)
+    with pytest.raises(BannermatchError, match="another recipe.*preprocess"):
+        load_features(fs.path, _recipe(tiny_weights, preprocess="squash"))
+    with pytest.raises(BannermatchError, match="same --weights"):
+        query(fs, str(banner_dir / "10.jpg"))  # a new image needs the very weights the features were made with
