@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import heapq
 import json
 import logging
@@ -162,6 +163,7 @@ _ASCII_VANISH = re.compile(r"['`^]+")  # the ASCII members of the above
 _ASCII_SEPARATOR = re.compile(r"[^0-9a-z]+")
 
 
+@functools.lru_cache(maxsize=1 << 17)  # every Steam name fits: a NameIndex of another subset of them is built fast
 def normalize_name(name: str) -> str:
     """Case-, accent- and punctuation-insensitive form of a game name, for searching.
 
