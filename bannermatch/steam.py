@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import bisect
+import collections
+import functools
+import heapq
 import json
 import logging
 import os
@@ -150,25 +154,128 @@ def _fetch_store_app_list(api: str, key: str, timeout: float) -> dict[str, str]:
         last_appid = int(response["last_appid"])
 
 
+# Characters that vanish instead of separating words: apostrophes (so "Meier's", "Meier’s" and "Meiers" meet),
+# and, by category, other symbols (™ ® © emoji: NFKD would spell ™ as "tm"), modifier symbols (` ´ ^ used as
+# apostrophes) and invisible format characters (soft hyphen).
+_VANISH_CHARS = "'\u2018\u2019\u02bc"
+_VANISH_CATEGORIES = {"So", "Sk", "Cf"}
+_ASCII_VANISH = re.compile(r"['`^]+")  # the ASCII members of the above
+_ASCII_SEPARATOR = re.compile(r"[^0-9a-z]+")
+
+
+@functools.lru_cache(maxsize=1 << 17)  # every Steam name fits: a NameIndex of another subset of them is built fast
 def normalize_name(name: str) -> str:
-    """Case-, accent- and punctuation-insensitive form of a game name, for searching."""
-    name = unicodedata.normalize("NFKD", name)
-    name = "".join(c for c in name if not unicodedata.combining(c))
-    return re.sub(r"[^0-9a-z]+", " ", name.casefold()).strip()
+    """Case-, accent- and punctuation-insensitive form of a game name, for searching.
 
-
-def search_names(names: dict[str, str], query: str, limit: int = 10) -> list[tuple[str, str]]:
-    """Games whose name contains ``query`` (case-insensitive), best first.
-
-    Exact matches come first, then names starting with the query, then shorter names.
+    Every letter and digit of every script is kept, case-folded; Latin letters lose their accents, other
+    scripts keep their marks (й, ガ, Hangul stay as written); symbols vanish; anything else separates words.
     """
-    q = normalize_name(query)
-    if not q:
-        return []
-    hits = []
-    for appid, name in names.items():
-        n = normalize_name(name)
-        if q in n:
-            hits.append(((n != q, not n.startswith(q), len(n), int(appid) if appid.isdigit() else 0), appid, name))
-    hits.sort()
-    return [(appid, name) for _, appid, name in hits[:limit]]
+    if name.isascii():  # nearly every Steam name: the same result as _normalize_any's, several times faster
+        return _ASCII_SEPARATOR.sub(" ", _ASCII_VANISH.sub("", name.lower())).strip()
+    return _normalize_any(name)
+
+
+def _normalize_any(name: str) -> str:
+    kept = []
+    dropped = False
+    for c in name:  # symbols go before NFKD, which would spell some of them out ("™" -> "TM")
+        # a mark on a vanished symbol (an emoji's variation selector) goes with it
+        dropped = c in _VANISH_CHARS or unicodedata.category(c) in _VANISH_CATEGORIES or (
+            dropped and unicodedata.category(c).startswith("M"))
+        if not dropped:
+            kept.append(c)
+    out = []
+    base = ""  # the letter the next mark would sit on ("" after anything else)
+    for c in unicodedata.normalize("NFKD", "".join(kept).casefold()):
+        category = unicodedata.category(c)
+        if category[0] in "LN":
+            base = c if category[0] == "L" else ""
+            out.append(c)
+        elif category[0] == "M":
+            if base and not unicodedata.name(base, "").startswith("LATIN"):
+                out.append(c)
+        else:
+            base = ""
+            out.append(" ")
+    return " ".join(unicodedata.normalize("NFC", "".join(out)).split())
+
+
+def _rank(appid: str) -> int:
+    return int(appid) if appid.isdecimal() else 0
+
+
+class NameIndex:
+    """Game names prepared for :func:`search_names`: normalised once, so each search takes well under a millisecond
+    over Steam's 30,000 games with banners.
+
+    Names are held in the order ties are broken in (shorter normalised name, then smaller app id), so the best
+    matches of each kind are the first ones found.
+    """
+
+    def __init__(self, names: dict[str, str]):
+        rows = sorted((len(n), _rank(appid), appid, name, n) for appid, name in names.items()
+                      for n in [normalize_name(name)])
+        self._found = [(appid, name) for _, _, appid, name, _ in rows]
+        self._normalized = [n for *_, n in rows]
+        # prefix search: the normalised names in text order, with their places in tie-break order
+        by_text = sorted(range(len(rows)), key=self._normalized.__getitem__)
+        self._sorted = [self._normalized[i] for i in by_text]
+        self._sorted_at = by_text
+        # substring search: one string, one name a line (normalised names have no newline), and where each starts
+        self._text = "".join(f"{n}\n" for n in self._normalized)
+        self._starts = []
+        offset = 0
+        for n in self._normalized:
+            self._starts.append(offset)
+            offset += len(n) + 1
+
+    def __len__(self) -> int:
+        return len(self._found)
+
+    def search(self, query: str, limit: int = 10) -> list[tuple[str, str]]:
+        """``(appid, name)`` of the games whose name contains ``query``, best first (see :func:`search_names`)."""
+        q = normalize_name(query)
+        if not q or limit <= 0:
+            return []
+        first = bisect.bisect_left(self._sorted, q)
+        exact_end = bisect.bisect_right(self._sorted, q, first)
+        prefix_end = bisect.bisect_left(self._sorted, q + "\U0010ffff", exact_end)  # no normalised name holds U+10FFFF
+        picked = self._sorted_at[first:exact_end][:limit]  # equal names keep their tie-break order (stable sort)
+        picked += heapq.nsmallest(limit - len(picked), self._sorted_at[exact_end:prefix_end])
+        at = 0
+        while len(picked) < limit:
+            at = self._text.find(q, at)
+            if at < 0:
+                break
+            i = bisect.bisect_right(self._starts, at) - 1
+            if not self._normalized[i].startswith(q):  # names starting with the query are already ranked above
+                picked.append(i)
+            at = self._starts[i] + len(self._normalized[i]) + 1  # the next name
+        return [self._found[i] for i in picked]
+
+
+_INDEXES: collections.OrderedDict[int, tuple[dict[str, str], NameIndex]] = collections.OrderedDict()
+
+
+def name_index(names: dict[str, str] | NameIndex) -> NameIndex:
+    """The :class:`NameIndex` of ``names``, built once and kept while the dict is unchanged (the last few dicts)."""
+    if isinstance(names, NameIndex):
+        return names
+    cached = _INDEXES.get(id(names))
+    if cached is not None and cached[0] == names:  # a copy, compared: a changed or recycled dict is not reused
+        _INDEXES.move_to_end(id(names))
+        return cached[1]
+    index = NameIndex(names)
+    _INDEXES[id(names)] = (dict(names), index)
+    while len(_INDEXES) > 4:
+        _INDEXES.popitem(last=False)
+    return index
+
+
+def search_names(names: dict[str, str] | NameIndex, query: str, limit: int = 10) -> list[tuple[str, str]]:
+    """Games whose name contains ``query`` (case-, accent- and punctuation-insensitive), best first.
+
+    Exact matches come first, then names starting with the query, then the others; within each, shorter
+    names, then smaller app ids. ``names`` is an ``{appid: name}`` dict or a :class:`NameIndex` of one.
+    """
+    return name_index(names).search(query, limit)

@@ -1,5 +1,6 @@
-"""One command, one run, one table: embedding (end to end vs an original-style pipeline vs the model alone)
-and all-vs-all exact top-k search (ours fp32 / bf16 vs faiss IndexFlatIP vs the full N x N matrix).
+"""One command, one run, one table: embedding (end to end vs an original-style pipeline vs the model alone),
+all-vs-all exact top-k search (ours fp32 / bf16 vs faiss IndexFlatIP vs the full N x N matrix), and the
+explorer's game name search over the real Steam app list.
 
 Timings on a shared machine are noisy, so the compared pipelines run interleaved, ``--repeats`` times each,
 on the same data, and the table gives the best and the median throughput and ratios of the best.
@@ -14,6 +15,7 @@ import datetime
 import importlib.util
 import json
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -28,14 +30,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"vits16": "dino_vits16", "vitb16": "dino_vitb16", "vits8": "dino_vits8"}
 SEARCH_METHODS = ("ours fp32", "ours bf16", "faiss IndexFlatIP", "full N x N matrix")
+PARTS = ("embedding", "search", "names")
 
 
-def _draw_banner():
-    """The test suite's synthetic banner drawer (tests/conftest.py), so benchmarks and tests see the same images."""
+def _test_fixtures():
+    """The test suite's fixtures module (tests/conftest.py): its banner drawer and the shared app list's path,
+    so benchmarks and tests see the same data."""
     spec = importlib.util.spec_from_file_location("_bannermatch_test_fixtures", ROOT / "tests" / "conftest.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.draw_banner
+    return module
+
+
+def _draw_banner():
+    return _test_fixtures().draw_banner
 
 
 def _rss_bytes() -> int:
@@ -270,6 +278,48 @@ def print_search(rows: list[dict], n: int, k: int) -> None:
         print(f"| {r['d']} | {r['method']} | {r['seconds']:.2f} | {r['median']:.2f} | {r['extra_bytes'] / 2**20:,.0f} MiB | {ratio} | {recall} |")
 
 
+# ------------------------------------------------------------------------------------------ name search
+
+def name_queries(names: dict[str, str], typed: int, seed: int = 0) -> list[str]:
+    """What the explorer searches while someone types: every prefix of ``typed`` real names, a keystroke at a time."""
+    picked = random.Random(seed).sample(sorted(names.values()), min(typed, len(names)))
+    return [name[:i] for name in picked for i in range(1, len(name) + 1)]
+
+
+def bench_names(args) -> dict:
+    from bannermatch.explorer import MAX_SUGGESTIONS
+    from bannermatch.steam import NameIndex, load_app_names, normalize_name
+
+    names = load_app_names(args.app_list)
+    start = time.perf_counter()
+    index = NameIndex(names)
+    build = time.perf_counter() - start
+    queries = name_queries(names, args.typed_names)
+    means, p99s = [], []
+    for rep in range(args.repeats):
+        normalize_name.cache_clear()  # every repeat normalises its queries afresh, as new keystrokes would be
+        seconds = []
+        for q in queries:
+            start = time.perf_counter()
+            index.search(q, MAX_SUGGESTIONS)
+            seconds.append(time.perf_counter() - start)
+        means.append(statistics.fmean(seconds))
+        p99s.append(statistics.quantiles(seconds, n=100)[98] if len(seconds) > 1 else seconds[0])
+        print(f"  [names repeat {rep + 1}/{args.repeats}] {means[-1] * 1e3:.3f} ms per query", file=sys.stderr)
+    return {"names": len(names), "queries": len(queries), "typed": args.typed_names, "build": build,
+            "best": min(means), "median": statistics.median(means), "p99": min(p99s)}
+
+
+def print_names(r: dict) -> None:
+    print(f"\n## Game name search (the explorer's suggestions), {r['names']:,} real Steam names\n")
+    print(f"{r['queries']:,} queries (every prefix of {r['typed']} real names, as typed), top-12 each, "
+          f"on an index built once in {r['build'] * 1e3:.0f} ms.\n")
+    print("Mean of each repeat (best and median), and the 99th percentile of single queries (best repeat's).\n")
+    print("| ms per query, best | ms per query, median | 99th percentile, ms |")
+    print("|---:|---:|---:|")
+    print(f"| {r['best'] * 1e3:.3f} | {r['median'] * 1e3:.3f} | {r['p99'] * 1e3:.3f} |")
+
+
 # ------------------------------------------------------------------------------------------ main
 
 def _machine() -> str:
@@ -310,8 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--k", type=int, default=10)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also time torch.compile (compiling included end to end; default on)")
+    p.add_argument("--app-list", type=Path, default=_test_fixtures().SHARED_APPS,
+                   help="Steam app list for the name search (default: the shared 2021 list, ../shared/steam/...)")
+    p.add_argument("--typed-names", type=int, default=100,
+                   help="real names typed, a prefix per keystroke, for the name search (default 100)")
     p.add_argument("--skip-embedding", action="store_true")
     p.add_argument("--skip-search", action="store_true")
+    p.add_argument("--skip-names", action="store_true")
+    p.add_argument("--only", choices=PARTS, help="run this part alone")
     p.add_argument("--search-worker", nargs=4, metavar=("METHOD", "FEATURES", "K", "OUT"), help=argparse.SUPPRESS)
     return p
 
@@ -325,14 +381,22 @@ def main(argv=None) -> int:
     unknown = [m for m in args.models if m not in MODELS] + [m for m in args.search_methods if m not in SEARCH_METHODS]
     if unknown:
         build_parser().error(f"unknown model or search method: {', '.join(unknown)}")
+    skip = {part: getattr(args, f"skip_{part}") or (args.only is not None and args.only != part) for part in PARTS}
+    if not skip["names"] and not args.app_list.is_file():
+        if args.only == "names" or args.app_list != build_parser().get_default("app_list"):
+            build_parser().error(f"no app list at {args.app_list}")
+        print(f"(name search skipped: no app list at {args.app_list}; pass --app-list)", file=sys.stderr)
+        skip["names"] = True
     print(f"# bannermatch benchmarks, {datetime.date.today().isoformat()}\n")
     print(f"Machine: {_machine()}")
     print(f"Command: python -m benchmarks {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
     with tempfile.TemporaryDirectory() as tmp:
-        if not args.skip_embedding:
+        if not skip["embedding"]:
             print_embedding(bench_embedding(args, Path(tmp)))
-        if not args.skip_search:
+        if not skip["search"]:
             print_search(bench_search(args, Path(tmp)), args.search_n, args.k)
+        if not skip["names"]:
+            print_names(bench_names(args))
     return 0
 
 

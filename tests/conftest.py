@@ -12,7 +12,10 @@ from PIL import Image, ImageDraw
 
 from bannermatch.backbones import create_model
 
-SHARED_APPS = Path(__file__).resolve().parents[2] / "shared" / "steam" / "vertical_banner_apps_2021.json"
+_APPS_FILE = Path("shared", "steam", "vertical_banner_apps_2021.json")
+# Beside the project (../shared), or further up for a git worktree checked out deeper.
+SHARED_APPS = next((p / _APPS_FILE for p in Path(__file__).resolve().parents[2:] if (p / _APPS_FILE).is_file()),
+                   Path(__file__).resolve().parents[2] / _APPS_FILE)
 # A small ViT with the registry's DINO ViT-S/16 code path (timm): 48-d, 4 blocks, 3 heads.
 TINY_ARCH = {"embed_dim": 48, "depth": 4, "num_heads": 3}
 # Real app ids and names (from the shared Steam list) for the synthetic banners.

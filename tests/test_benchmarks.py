@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 
-from benchmarks.run import SEARCH_METHODS, clustered_features, main
+from benchmarks.run import SEARCH_METHODS, clustered_features, main, name_queries
 
 
 def test_benchmark_prints_embedding_and_search_tables(capsys):
@@ -49,3 +49,15 @@ def test_clustered_features_are_unit_vectors_with_close_neighbours():
     random_pairs = sims[np.triu_indices(400, 1)]
     assert np.median(sims.max(1)) > np.percentile(random_pairs, 99)  # each has a neighbour from its own cluster
     assert np.array_equal(x, clustered_features(400, 32, seed=3))
+
+
+def test_name_search_benchmark_runs_alone_over_the_real_names(capsys, steam_names):
+    main(["--only", "names", "--typed-names", "7", "--repeats", "2"])
+    out = capsys.readouterr().out
+    assert "## Embedding" not in out and "## All-vs-all" not in out
+    queries = name_queries(steam_names, 7)
+    assert sum(len(q) == 1 for q in queries) == 7  # one keystroke of each typed name after another
+    assert f"{len(steam_names):,} real Steam names" in out and f"{len(queries):,} queries (every prefix of 7 real names" in out
+    row = [line for line in out.splitlines() if re.match(r"\| [0-9.]+ \|", line)]
+    best, median, p99 = (float(x) for x in row[0].split("|")[1:4])
+    assert 0 < best <= median and p99 > 0
