@@ -638,3 +638,14 @@ def _missing_snapshot_files(root: Path) -> list[str]:
         return []
     return [f"{root} lacks {', '.join(missing)} of the {name} snapshot: "
             f"run `bannermatch download --snapshot {name} {root}` again"]
+
+
+def archive_has_images(path: str | Path, limit: int = 10_000) -> bool:
+    """Whether a tar holds an image among its first ``limit`` members, nested tars included: a cheap check of a
+    download (the full listing comes with ``open_source``). Raises :class:`BannermatchError` for a non-tar."""
+    for n, item in enumerate(_walk_file(Path(path))):
+        if n >= limit:
+            break
+        if not isinstance(item, _Cut) and item[1].isfile() and PurePosixPath(item[1].name).suffix.lower() in IMAGE_SUFFIXES:
+            return True
+    return False
