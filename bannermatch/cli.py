@@ -260,6 +260,15 @@ def cmd_download(args) -> None:
     from .download import download_banners, fetch_archive
     from .steam import APP_NAMES_FILE, load_app_names, save_app_names
 
+    if args.snapshot:
+        from .snapshots import fetch_snapshot
+
+        if args.archive or args.appids or args.app_list:
+            raise BannermatchError("--snapshot downloads a whole published collection; it takes no --archive, --appids or --app-list")
+        paths = fetch_snapshot(args.snapshot, args.output_dir, progress=not args.quiet)
+        print(f"snapshot {args.snapshot} ready in {args.output_dir} ({', '.join(p.name for p in paths)}); "
+              f"embed it with `bannermatch embed {args.output_dir}`")
+        return
     if args.archive:
         if args.appids:
             raise BannermatchError("--archive downloads the whole earlier release; it takes no --appids")
@@ -275,6 +284,7 @@ def cmd_download(args) -> None:
 
 def add_download_command(sub) -> None:
     from .download import DISTRIBUTORS
+    from .snapshots import SNAPSHOTS
     from .steam import API_KEY_ENV, STEAM_CDN
 
     p = sub.add_parser("download", help="download Steam's vertical banners into webdataset shards (img2dataset)",
@@ -293,6 +303,8 @@ def add_download_command(sub) -> None:
     p.add_argument("--retries", type=int, default=2, help="extra attempts per failed banner (default: %(default)s)")
     p.add_argument("--archive", metavar="URL|PATH",
                    help="instead: fetch the earlier release resized_vertical_steam_banners_v2.tar.gz (resumable)")
+    p.add_argument("--snapshot", choices=SNAPSHOTS, metavar="NAME",
+                   help=f"instead: fetch a published collection ({', '.join(SNAPSHOTS)}; resumable, read in place)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_download)
 

@@ -175,14 +175,16 @@ def test_unfinished_download_shards_are_not_read(tmp_path):
     for shard in ("00000", "00001"):
         with tarfile.open(tmp_path / f"{shard}.tar", "w") as tar:
             for i in range(2):
-                data = _jpeg(draw_banner(int(shard) * 10 + i))
-                info = tarfile.TarInfo(f"{shard}{i:04d}.jpg")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+                key, appid = f"{shard}{i:04d}", str(int(shard) * 10 + i + 1)
+                for suffix, data in ((".jpg", _jpeg(draw_banner(int(appid)))), (".json", json.dumps({"appid": appid}).encode())):
+                    info = tarfile.TarInfo(key + suffix)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
     (tmp_path / "00000_stats.json").write_text("{}")  # shard 00001 was being written when the download died
     source = open_source(tmp_path)
-    assert source.keys == ["000000000", "000000001"]
-    assert source.report.skipped == [("00001.tar", "unfinished shard (download interrupted): run `bannermatch download` again")]
+    assert source.keys == ["1", "2"]
+    assert source.report.skipped == [(str(tmp_path), f"{tmp_path}: 1 unfinished shard (00001.tar): the download was "
+                                      f"interrupted; run `bannermatch download {tmp_path}` again to resume")]
 
 
 # ------------------------------------------------------------------------------------------ stored results

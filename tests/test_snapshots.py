@@ -1,0 +1,165 @@
+"""Published snapshots from a local mirror: each one's layout, a first transfer cut halfway, resume, cache,
+reading every banner with its app id, and embedding it through the CLI.
+
+The archives are synthetic, built in the layout each release was made with: dino-2021 a tar.gz of
+``{appid}.jpg``; dinov2-2023 two tar.gz parts of img2dataset's "files" output (``images/00000/000000012.jpg``
++ JSON with the URL) plus ``apps.json``, the list of app ids the sample numbers index; bit-2021 a plain tar
+of img2dataset webdataset shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import urllib.parse
+
+import pytest
+from conftest import APPS, TINY_ARCH, draw_banner
+from test_archives import looks_like, read_all, tar_bytes
+from test_download import closed_port_url, ranged_file, serve
+
+from bannermatch import snapshots
+from bannermatch.cli import main
+from bannermatch.errors import BannermatchError
+from bannermatch.snapshots import SNAPSHOTS, SnapshotUnavailable, fetch_snapshot, get_snapshot
+from bannermatch.sources import open_source
+
+IDS = sorted(APPS, key=int)  # 20 real app ids; banner i of a snapshot is draw_banner(int(appid))
+
+
+def jpeg(appid: str, size) -> bytes:
+    buf = io.BytesIO()
+    draw_banner(int(appid)).resize(size).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def sample_json(appid: str) -> bytes:
+    return json.dumps({"url": f"https://cdn.cloudflare.steamstatic.com/steam/apps/{appid}/library_600x900.jpg",
+                       "status": "success"}).encode()
+
+
+def build(name: str) -> dict[str, bytes]:
+    """{file name: bytes} of a small snapshot in the layout of the real one."""
+    if name == "dino-2021":
+        return {"resized_vertical_steam_banners_v2.tar.gz": tar_bytes(
+            {f"data/resized_vertical_steam_banners/{a}.jpg": jpeg(a, (224, 224)) for a in IDS[:8]}, "w:gz")}
+    if name == "dinov2-2023":
+        # img2dataset's sample number is 10,000 x shard + position: the index in GetAppList's sorted ids
+        app_list = [9_000_000 + n for n in range(10_006)]  # most apps have no vertical banner: no sample
+        samples = {"A": range(1, 7), "B": range(10_000, 10_006)}
+        for n, appid in zip([*samples["A"], *samples["B"]], IDS[:12]):
+            app_list[n] = int(appid)
+        parts = {}
+        for part, numbers in samples.items():
+            members = {}
+            for n in numbers:
+                folder, key, appid = f"images/{n // 10_000:05d}", f"{n:09d}", str(app_list[n])
+                members[f"{folder}/{key}.jpg"] = jpeg(appid, (224, 336))
+                if part == "A":  # part B's samples lost their JSON: the app id list places them
+                    members[f"{folder}/{key}.json"] = sample_json(appid)
+                members[f"{folder}/{key}.txt"] = b""
+            parts[f"images_part{part}.tar.gz"] = tar_bytes(members, "w:gz")
+        return {**parts, "apps.json": json.dumps(app_list).encode()}
+    shards = {}
+    for shard in range(2):
+        members = {}
+        for i, appid in enumerate(IDS[6 * shard:6 * shard + 6]):
+            key = f"{shard:05d}{i:04d}"
+            members |= {f"{key}.jpg": jpeg(appid, (256, 384)), f"{key}.json": sample_json(appid), f"{key}.txt": b""}
+        shards[f"images/{shard:05d}.tar"] = tar_bytes(members)
+        shards[f"images/{shard:05d}_stats.json"] = b"{}"
+        shards[f"images/{shard:05d}.parquet"] = b"PAR1"
+    return {"steam_webdataset.tar": tar_bytes(shards)}
+
+
+def expected_ids(name: str) -> list[str]:
+    return {"dino-2021": IDS[:8], "dinov2-2023": IDS[:12], "bit-2021": IDS[:12]}[name]
+
+
+def routes_for(name: str, files: dict[str, bytes], cut: bool) -> dict:
+    return {urllib.parse.urlparse(url).path: ranged_file(files[n], len(files[n]) // 2 if cut else None)
+            for url, n in zip(SNAPSHOTS[name].urls, SNAPSHOTS[name].files)}
+
+
+def test_registry():
+    assert snapshots.NEWEST == "dinov2-2023"
+    assert get_snapshot("dino-2021").geometry == "square" and get_snapshot("bit-2021").geometry == "keep_ratio"
+    assert SNAPSHOTS["dinov2-2023"].files == ["images_partA.tar.gz", "images_partB.tar.gz", "apps.json"]
+    with pytest.raises(BannermatchError, match="unknown snapshot 'dino'; choose one of dinov2-2023, dino-2021, bit-2021"):
+        get_snapshot("dino")
+    with pytest.raises(BannermatchError, match="squashed to 224x224.*--preprocess keep"):
+        get_snapshot("dino-2021").check_preprocess("keep")
+    get_snapshot("dino-2021").check_preprocess("crop")
+    get_snapshot("dinov2-2023").check_preprocess("keep")
+
+
+@pytest.mark.parametrize("name", list(SNAPSHOTS))
+def test_fetch_resumes_caches_and_reads_every_banner(name, tmp_path, tiny_weights):
+    files = build(name)
+    dest = tmp_path / name
+    with serve(routes_for(name, files, cut=True)) as server:
+        paths = fetch_snapshot(name, dest, mirror=server.url, progress=False)
+        gets = server.gets()
+        assert fetch_snapshot(name, dest, mirror=server.url, progress=False) == paths
+        assert len(server.gets()) == len(gets)  # cached: no request
+    assert [p.name for p in paths] == SNAPSHOTS[name].files
+    assert all(p.read_bytes() == files[p.name] for p in paths)
+    for path in paths:  # each transfer was cut halfway, then resumed from there
+        mine = [headers for _, url, headers in gets if url.endswith("/" + path.name)]
+        assert len(mine) == 2 and "Range" not in mine[0] and mine[1]["Range"] == f"bytes={len(files[path.name]) // 2}-"
+
+    source = open_source(dest)
+    assert sorted(source.keys, key=int) == expected_ids(name)
+    images = read_all(source)
+    assert all(looks_like(images[a], int(a)) for a in expected_ids(name))
+    assert not source.report.skipped and not source.report.duplicates
+
+    arch = ",".join(f"{k}={v}" for k, v in TINY_ARCH.items())
+    proc = subprocess.run([sys.executable, "-m", "bannermatch.cli", "embed", str(dest), "--model", "dino_vits16",
+                           "--arch", arch, "--weights", str(tiny_weights), "--store", str(tmp_path / "store"),
+                           "--device", "cpu", "--quiet"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr
+    assert proc.stdout.startswith(f"{len(expected_ids(name))} banners embedded")
+
+
+def test_names_come_from_an_apps_json_beside_the_snapshot(tmp_path):
+    files = build("dino-2021")
+    with serve(routes_for("dino-2021", files, cut=False)) as server:
+        fetch_snapshot("dino-2021", tmp_path, mirror=server.url, progress=False)
+    (tmp_path / "apps.json").write_text(json.dumps(APPS))
+    assert open_source(tmp_path).names == {a: APPS[a] for a in IDS[:8]}
+
+
+def test_cli_download_snapshot_through_the_mirror_variable(tmp_path, monkeypatch, capsys):
+    files = build("bit-2021")
+    with serve(routes_for("bit-2021", files, cut=False)) as server:
+        monkeypatch.setenv(snapshots.MIRROR_ENV, server.url)
+        assert main(["download", str(tmp_path / "bit"), "--snapshot", "bit-2021", "--quiet"]) == 0
+    assert f"embed it with `bannermatch embed {tmp_path / 'bit'}`" in capsys.readouterr().out
+    assert (tmp_path / "bit" / "steam_webdataset.tar").read_bytes() == files["steam_webdataset.tar"]
+    assert main(["download", str(tmp_path / "x"), "--snapshot", "bit-2021", "--appids", "10"]) == 2
+
+
+def test_unreachable_missing_or_wrong_snapshots_are_snapshot_unavailable(tmp_path):
+    with pytest.raises(SnapshotUnavailable, match="dino-2021 snapshot is unavailable: cannot reach"):
+        fetch_snapshot("dino-2021", tmp_path, mirror=closed_port_url(), progress=False)
+    with serve({}) as server, pytest.raises(SnapshotUnavailable, match="unavailable: cannot download .*HTTP 404"):
+        fetch_snapshot("dino-2021", tmp_path, mirror=server.url, progress=False)
+    page = b"<html>moved</html>"
+    path = urllib.parse.urlparse(SNAPSHOTS["dino-2021"].urls[0]).path
+    with serve({path: ranged_file(page)}) as server, pytest.raises(SnapshotUnavailable, match="is damaged.*run again"):
+        fetch_snapshot("dino-2021", tmp_path, mirror=server.url, progress=False)
+    assert not list(tmp_path.iterdir())  # the bad file is gone, so the next run downloads it anew
+
+
+def test_a_snapshot_missing_a_part_says_so(tmp_path):
+    files = build("dinov2-2023")
+    with serve(routes_for("dinov2-2023", files, cut=False)) as server:
+        fetch_snapshot("dinov2-2023", tmp_path, mirror=server.url, progress=False)
+    (tmp_path / "images_partB.tar.gz").unlink()
+    source = open_source(tmp_path)
+    assert len(source) == 6
+    assert source.report.skipped == [(str(tmp_path), f"{tmp_path} lacks images_partB.tar.gz of the dinov2-2023 snapshot: "
+                                      f"run `bannermatch download --snapshot dinov2-2023 {tmp_path}` again")]
