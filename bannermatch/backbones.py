@@ -10,12 +10,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import os
 import socket
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import BannermatchError
@@ -282,10 +285,39 @@ def _create_timm(spec, weights, arch) -> Backbone:
         model = timm.create_model(spec.timm_name, **kwargs)
     except RuntimeError as exc:
         raise BannermatchError(f"weights do not fit {spec.name}: {str(exc).splitlines()[0]}") from None
+    if spec.family != "beit":
+        registers = getattr(model, "reg_token", None) is not None
+        # DINOv2 with registers resizes to the grid with antialiasing; DINO and DINOv2 by a scale factor with their
+        # historical 0.1 offset, without (dinov2/hub/backbones.py, dino/vision_transformer.py)
+        model._pos_embed = types.MethodType(functools.partial(
+            _meta_pos_embed, offset=0.0 if registers else 0.1, antialias=registers), model)
     backbone = TimmBackbone(spec, model, model.embed_dim, len(model.blocks), model.num_prefix_tokens,
                             getattr(model, "fc_norm", None))
     backbone.dynamic_size = spec.family != "beit"
     return backbone
+
+
+def _meta_pos_embed(model, x: torch.Tensor, offset: float, antialias: bool) -> torch.Tensor:
+    """timm's ``VisionTransformer._pos_embed`` (dynamic size, NHWC patches) with the position grid resized as Meta's
+    ``interpolate_pos_encoding`` does, from the grid the weights were trained at, so timm's features equal the
+    originals' at every input size (timm resizes to the size, with antialiasing)."""
+    batch, height, width, dim = x.shape
+    kept = 0 if model.no_embed_class else model.num_prefix_tokens  # prefix positions held by pos_embed
+    pos = model.pos_embed
+    grid = pos[:, kept:]
+    side = math.isqrt(grid.shape[1])
+    if (height, width) != (side, side):
+        resize = (dict(scale_factor=((height + offset) / side, (width + offset) / side)) if offset
+                  else dict(size=(height, width)))
+        grid = F.interpolate(grid.float().reshape(1, side, side, dim).permute(0, 3, 1, 2), mode="bicubic",
+                             antialias=antialias, **resize).permute(0, 2, 3, 1).reshape(1, height * width, dim)
+        pos = torch.cat([pos[:, :kept], grid.to(pos.dtype)], dim=1)
+    x = x.reshape(batch, height * width, dim)
+    prefix = [model.cls_token.expand(batch, -1, -1)]
+    if model.reg_token is not None:
+        prefix.append(model.reg_token.expand(batch, -1, -1))
+    x = torch.cat(prefix + [x + pos], dim=1) if model.no_embed_class else torch.cat(prefix + [x], dim=1) + pos
+    return model.pos_drop(x)
 
 
 def hub_checkout(repo: str) -> Path:

@@ -26,7 +26,7 @@ from .backbones import Backbone, create_model, get_spec, weights_identity
 from .errors import BannermatchError
 from .pooling import COMPONENTS, pool_components, view
 from .recipe import (MULTISCALE, STORED_BLOCKS, Recipe, default_batch_size, resolve_device, resolve_dtype)
-from .sources import ImageSource, SkipImage, decode_image, open_source, prepare_image
+from .sources import ImageSource, SkipImage, Unreadable, decode_image, open_source, prepare_image
 from .store import DEFAULT_STORE, FeatureSet, FeatureStore, content_digest, listing_identity
 
 log = logging.getLogger(__name__)
@@ -205,6 +205,9 @@ class _Decoded(IterableDataset):
         mine = set(self.todo[wid::workers])
         seen = set(self.stored)
         for i, _, data in self.source.read(mine.__contains__):
+            if isinstance(data, Unreadable):  # the archive, not the image, is at fault: tried again next run
+                yield i, None, None, data.reason
+                continue
             digest = content_digest(data)
             if digest in seen:  # stored already, or the same bytes earlier in this run (placeholders)
                 yield i, digest, None, ""
@@ -261,6 +264,7 @@ def extract_features(
     digest_of: dict[int, str] = {i: known[ident] for i, ident in identities.items()
                                  if ident in known and fstore.known(known[ident])}
     todo = [i for i in range(len(source)) if i not in digest_of]
+    unread: dict[int, str] = {}  # images whose bytes could not be read this time
     if todo:
         dev = resolve_device(device)
         run_dtype = resolve_dtype(dtype, dev)
@@ -275,7 +279,7 @@ def extract_features(
         backbone = embed = None
         pending: dict[str, list] = {"entries": [], **{name: [] for name in COMPONENTS}}
         learnt: dict[str, str] = {}
-        failed: dict[str, str] = {}
+        failed: dict[str, str] = {}  # digest -> why those bytes are not an image
         padded = 0
         run = {"dtype": run_dtype, "device": dev.type, "blocks": None}
 
@@ -301,6 +305,9 @@ def extract_features(
                     learnt[identities[i]] = digest
                 for i, digest, reason in batch["skipped"]:
                     log.warning("skipped %s: %s", source.entries[i].key, reason)
+                    if digest is None:
+                        unread[i] = reason
+                        continue
                     failed[digest] = reason
                     digest_of[i] = digest
                     learnt[identities[i]] = digest
@@ -327,18 +334,21 @@ def extract_features(
             log.warning("keep: %d banners are wider than 2:3 (square archives, for one) and were padded to the "
                         "2:3 input; use crop or squash for them", padded)
         log.debug("embedded %d images in %.1f s", len(todo), time.perf_counter() - started)
-    _save_collection(fstore, source, digest_of)
+    _save_collection(fstore, source, digest_of, unread)
     fstore.add_view(recipe)
     return fstore.feature_set(recipe)
 
 
-def _save_collection(fstore: FeatureStore, source: ImageSource, digest_of: dict[int, str]) -> None:
+def _save_collection(fstore: FeatureStore, source: ImageSource, digest_of: dict[int, str],
+                     unread: dict[int, str]) -> None:
     """The collection is the listed images, in order, whose features are stored; the rest are reported."""
     failed = fstore.manifest["failed"]
     entries, skipped = [], []
     for i, e in enumerate(source.entries):
         digest = digest_of.get(i)
-        if digest in failed:
+        if i in unread:
+            skipped.append([e.key, unread[i]])
+        elif digest in failed:
             skipped.append([e.key, failed[digest]])
         elif digest is not None:
             entries.append([e.key, digest])

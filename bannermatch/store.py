@@ -52,7 +52,7 @@ def listing_identity(entry: Entry) -> str:
         stamp = f"{container.st_size}:{container.st_mtime_ns}"
     except OSError:
         stamp = "?"
-    return f"{os.path.abspath(entry.container)}\0{entry.member}\0{entry.size}\0{stamp}"
+    return "\0".join([os.path.abspath(entry.container), *entry.via, entry.member, str(entry.size), stamp])
 
 
 @dataclass

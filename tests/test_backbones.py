@@ -146,31 +146,6 @@ def test_preprocessing_modes_keep_the_banner_shape(tiny_weights):
         assert build_transform(_recipe(tiny_weights, preprocess=mode))(img).shape == (3, *size)
 
 
-def test_hub_source_loads_through_torch_hub(tmp_path, monkeypatch):
-    """torch.hub.load on a cached facebookresearch/dino checkout: the real code path, offline."""
-    hub = tmp_path / "hub"
-    repo = hub / "facebookresearch_dino_main"
-    repo.mkdir(parents=True)
-    (repo / "hubconf.py").write_text(
-        "import timm, torch\n"
-        "class DinoViT(timm.models.vision_transformer.VisionTransformer):\n"
-        "    def get_intermediate_layers(self, x, n=1):  # DINO's API: normed outputs of the last n blocks\n"
-        "        x = self._pos_embed(self.patch_embed(x))\n"
-        "        out = []\n"
-        "        for i, blk in enumerate(self.blocks):\n"
-        "            x = blk(x)\n"
-        "            if len(self.blocks) - i <= n: out.append(self.norm(x))\n"
-        "        return out\n"
-        "def dino_vits16(pretrained=True, **kw):\n"
-        "    return DinoViT(patch_size=16, embed_dim=48, depth=3, num_heads=3, num_classes=0)\n"
-    )
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    backbone = create_model("dino_vits16", "hub")
-    tokens = backbone(torch.randn(1, 3, 224, 224), 2)
-    assert len(tokens) == 2 and tokens[-1][0].shape == (1, 48) and tokens[-1][1].shape == (1, 196, 48)
-
-
 def test_weights_identity_is_hashed_once_but_follows_a_changed_file(tmp_path, monkeypatch):
     path = tmp_path / "w.pth"
     path.write_bytes(b"a" * 1000)
@@ -205,3 +180,133 @@ def test_plain_attention_on_cpu_computes_what_the_fused_kernel_does(tiny_weights
     backbone.set_fused_attention(True)
     assert all(block.attn.fused_attn for block in backbone.model.blocks)
     torch.testing.assert_close(compute_features(backbone, x, recipe), plain, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ published layouts
+
+HEADS = 3
+DINO_ARCH = {"embed_dim": 48, "depth": 2, "patch_size": 16}
+DINOV2_ARCH = {"embed_dim": 48, "depth": 2, "patch_size": 14}
+BEIT_SIZES = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 3, "intermediate_size": 192,
+              "vocab_size": 64}
+# (height, width): the square crop and the banner's own 2:3 shape (`keep`), whose grids are resized
+SIZES = {16: [(224, 224), (336, 224)], 14: [(224, 224), (336, 224)]}
+
+
+def _timm_arch(arch: dict) -> dict:
+    return {"embed_dim": arch["embed_dim"], "depth": arch["depth"], "num_heads": HEADS}
+
+
+def _assert_tokens(backbone, reference: list[torch.Tensor], images: torch.Tensor, prefix: int) -> None:
+    """Our (CLS, patches) of every block agree with the reference forward's token sequences."""
+    ours = backbone(images, len(reference))
+    for (cls, patches), ref in zip(ours, reference):
+        torch.testing.assert_close(cls, ref[:, 0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(patches, ref[:, prefix:], rtol=1e-4, atol=1e-4)
+
+
+def _images(height: int, width: int, n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, height, width, generator=torch.Generator().manual_seed(height + width))
+
+
+@pytest.mark.parametrize("height,width", SIZES[16])
+def test_dino_original_and_training_checkpoints_load_through_timm(tmp_path, height, width):
+    from published import reference_vit_tokens, save_dino_original, save_dino_training_checkpoint
+
+    state = save_dino_original(tmp_path / "dino.pth", DINO_ARCH)
+    teacher = save_dino_training_checkpoint(tmp_path / "checkpoint.pth", DINO_ARCH)  # `teacher` with its `head.*`
+    images = _images(height, width)
+    for path, weights in [(tmp_path / "dino.pth", state), (tmp_path / "checkpoint.pth", teacher)]:
+        backbone = create_model("dino_vits16", "timm", weights=path, arch=_timm_arch(DINO_ARCH))
+        with torch.no_grad():
+            _assert_tokens(backbone, reference_vit_tokens(weights, images, 16, HEADS, "dino"), images, 1)
+
+
+@pytest.mark.parametrize("height,width", SIZES[14])
+@pytest.mark.parametrize("registers", [0, 4])
+def test_dinov2_original_checkpoint_with_its_518px_grid_loads_through_timm(tmp_path, height, width, registers):
+    """The 37x37 grid is resized once, to the input, as DINOv2's own code does; registers are never patches."""
+    from published import reference_vit_tokens, save_dinov2_original
+
+    state = save_dinov2_original(tmp_path / "dinov2.pth", DINOV2_ARCH, registers=registers)
+    name = "dinov2_vits14_reg4" if registers else "dinov2_vits14"
+    backbone = create_model(name, "timm", weights=tmp_path / "dinov2.pth", arch=_timm_arch(DINOV2_ARCH))
+    assert backbone.num_prefix_tokens == 1 + registers
+    images = _images(height, width)
+    with torch.no_grad():
+        reference = reference_vit_tokens(state, images, 14, HEADS, "dinov2")
+        assert reference[-1].shape[1] == 1 + registers + (height // 14) * (width // 14)
+        _assert_tokens(backbone, reference, images, 1 + registers)
+
+
+def test_beit_pt22k_from_hugging_face_keeps_its_trained_final_norm(tmp_path):
+    """The published pt22k is a BeitForMaskedImageModeling: its final norm is the top-level `layernorm`."""
+    from published import load_hf_state_dict, reference_vit_tokens, save_beit_pt22k_hf
+
+    folder = save_beit_pt22k_hf(tmp_path / "pt22k", BEIT_SIZES)
+    state = load_hf_state_dict(folder)
+    backbone = create_model("beit_base_pt22k", "hf", weights=folder)
+    images = _images(224, 224)
+    with torch.no_grad():
+        reference = reference_vit_tokens(state, images, 16, HEADS, "beit_pt22k")
+        _assert_tokens(backbone, reference, images, 1)
+        recipe = make_recipe("beit_base_pt22k", "mean", weights=folder)
+        mean = compute_features(backbone, images, recipe)  # mean of the normed patch tokens: no untrained pooler
+    torch.testing.assert_close(mean, torch.nn.functional.normalize(reference[-1][:, 1:].mean(1), dim=-1),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_beit_fine_tuned_from_hugging_face_pools_with_its_trained_norm(tmp_path):
+    from published import load_hf_state_dict, reference_beit_pooled, reference_vit_tokens, save_beit_ft_hf
+
+    folder = save_beit_ft_hf(tmp_path / "ft", BEIT_SIZES)
+    state = load_hf_state_dict(folder)
+    backbone = create_model("beit_base_pt22k_ft22k", "hf", weights=folder)
+    images = _images(224, 224)
+    with torch.no_grad():
+        reference = reference_vit_tokens(state, images, 16, HEADS, "beit_ft")
+        _assert_tokens(backbone, reference, images, 1)
+        mean = compute_features(backbone, images, make_recipe("beit_base_pt22k_ft22k", "mean", source="hf", weights=folder))
+    torch.testing.assert_close(mean, torch.nn.functional.normalize(reference_beit_pooled(state, reference[-1]), dim=-1),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_timm_and_hub_give_the_same_dino_features(tmp_path, monkeypatch):
+    """The same original-layout checkpoint through timm and through a cached torch.hub checkout of DINO's API."""
+    from published import save_dino_original
+
+    save_dino_original(tmp_path / "dino.pth", DINO_ARCH)
+    hub = tmp_path / "hub"
+    repo = hub / "facebookresearch_dino_main"
+    repo.mkdir(parents=True)
+    (repo / "hubconf.py").write_text(  # DINO's hub API (get_intermediate_layers: normed outputs of the last n blocks)
+        "import timm\n"
+        "class DinoViT(timm.models.vision_transformer.VisionTransformer):\n"
+        "    def get_intermediate_layers(self, x, n=1):\n"
+        "        x = self._pos_embed(self.patch_embed(x))\n"
+        "        out = []\n"
+        "        for i, blk in enumerate(self.blocks):\n"
+        "            x = blk(x)\n"
+        "            if len(self.blocks) - i <= n: out.append(self.norm(x))\n"
+        "        return out\n"
+        "def dino_vits16(pretrained=True, **kw):\n"
+        "    return DinoViT(patch_size=16, embed_dim=48, depth=2, num_heads=3, num_classes=0)\n"
+    )
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    images = _images(224, 224)
+    timm_model = create_model("dino_vits16", "timm", weights=tmp_path / "dino.pth", arch=_timm_arch(DINO_ARCH))
+    hub_model = create_model("dino_vits16", "hub", weights=tmp_path / "dino.pth")
+    with torch.no_grad():
+        for (a_cls, a_patches), (b_cls, b_patches) in zip(timm_model(images, 2), hub_model(images, 2)):
+            torch.testing.assert_close(a_cls, b_cls, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(a_patches, b_patches, rtol=1e-4, atol=1e-4)
+
+
+def test_cached_hub_checkouts_are_found_offline(tmp_path, monkeypatch):
+    """`facebookresearch/dinov2` is cached as `facebookresearch_dinov2_main`: named with its ref, nothing asks GitHub."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    for name in ("dino_vitb16", "dinov2_vits14", "dinov2_vitb14_reg4"):
+        repo, _ = backbones_mod.get_spec(name).hub
+        assert repo.endswith(":main")
+        assert backbones_mod.hub_checkout(repo).name in ("facebookresearch_dino_main", "facebookresearch_dinov2_main")

@@ -52,7 +52,7 @@ def _collection(folder) -> int:
 
 def _recall_at_1(folder, weights, store, n: int, strategy: str) -> float:
     """Share of edited copies whose nearest original (cosine) is their own."""
-    recipe = bannermatch.make_recipe("dinov2_vits14", strategy=strategy, weights=weights, device="cpu")
+    recipe = bannermatch.make_recipe("dinov2_vits14", strategy=strategy, weights=weights)
     feats = bannermatch.extract_features(folder, recipe, store=store, weights=weights, device="cpu", progress=False)
     rows = {int(k): feats.features[i] for i, k in enumerate(feats.keys)}
     originals = np.stack([rows[i] for i in range(1, n + 1)])
