@@ -19,7 +19,7 @@ from .extraction import load_backbone
 from .store import DEFAULT_STORE, FeatureSet, list_feature_sets
 from .gallery import GRID_STYLE, banner_figure, match_grid, store_page, thumbnail_data_uri
 from .query import QueryResult, query
-from .steam import NameIndex, normalize_name
+from .steam import normalize_name
 
 #: How suggestions are written in the combobox: "Name (appid)", so picking one names exactly one game.
 _SUGGESTION = re.compile(r"^(?P<name>.*) \((?P<key>[^()]+)\)$")
@@ -54,7 +54,6 @@ class Explorer(widgets.VBox):
         self.feature_sets = feature_sets
         self.weights, self.device = weights, device
         self.result: QueryResult | None = None
-        self._name_indexes: dict[int, NameIndex] = {}
         self._backbone: tuple[tuple, object] | None = None  # (what it was built from, the model)
         self._thumbnails: OrderedDict[tuple[str, str], str | None] = OrderedDict()
         labels = [f"{fs.recipe.label} ({len(fs.keys)} banners)" for fs in feature_sets]
@@ -76,13 +75,6 @@ class Explorer(widgets.VBox):
     def features(self) -> FeatureSet:
         return self.feature_sets[self.feature_set.value]
 
-    @property
-    def names(self) -> NameIndex:
-        """The chosen feature set's game names, indexed once: suggestions are searched at every keystroke."""
-        if self.feature_set.value not in self._name_indexes:
-            self._name_indexes[self.feature_set.value] = NameIndex(self.features.names)
-        return self._name_indexes[self.feature_set.value]
-
     def backbone(self, fs: FeatureSet):
         """The model that embeds image queries for ``fs``, loaded once and kept while the sets shown share it."""
         recipe = fs.recipe
@@ -100,7 +92,7 @@ class Explorer(widgets.VBox):
             return picked["key"]
         if text in fs.index_map() or text.startswith(("http://", "https://")) or _is_file(text):
             return text
-        exact = [key for key, name in self.names.search(text, MAX_SUGGESTIONS)
+        exact = [key for key, name in self.features.name_index().search(text, MAX_SUGGESTIONS)
                  if normalize_name(name) == normalize_name(text)]
         return exact[0] if exact else None
 
@@ -108,7 +100,7 @@ class Explorer(widgets.VBox):
         """Update the suggestions, then the grid if the text names one game (called on every change)."""
         fs = self.features
         text = self.query.value.strip()
-        hits = self.names.search(_SUGGESTION.sub(r"\g<name>", text), MAX_SUGGESTIONS) if text else []
+        hits = self.features.name_index().search(_SUGGESTION.sub(r"\g<name>", text), MAX_SUGGESTIONS) if text else []
         self.query.options = tuple(_suggestion(key, name) for key, name in hits)
         target = self._target(text) if text else None
         if target is None:

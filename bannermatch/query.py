@@ -42,9 +42,10 @@ def resolve_key(features: FeatureSet, q: str, names: dict[str, str] | None = Non
     q = str(q).strip()
     if q in features.index_map():
         return q
-    names = names or features.names
-    in_set = {k: v for k, v in names.items() if k in features.index_map()}
-    hits = search_names(in_set, q, limit=5)
+    if names is None:
+        hits = features.name_index().search(q, limit=5)
+    else:
+        hits = search_names({k: v for k, v in names.items() if k in features.index_map()}, q, limit=5)
     if not hits:
         if q.isdigit():
             raise BannermatchError(f"app id {q} is not in this feature set ({len(features.keys)} banners)")

@@ -32,6 +32,7 @@ from .files import atomic_write, file_digest
 from .pooling import COMPONENTS, needed_components, view
 from .recipe import Recipe
 from .sources import Entry
+from .steam import NameIndex
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,13 @@ class FeatureSet:
 
     def name(self, key: str) -> str:
         return self.names.get(key, "")
+
+    def name_index(self) -> NameIndex:
+        """The names of this set's banners, indexed once for the searches of queries and the explorer."""
+        if getattr(self, "_name_index", None) is None:
+            index = self.index_map()
+            self._name_index = NameIndex({k: v for k, v in self.names.items() if k in index})
+        return self._name_index
 
 
 class FeatureStore:

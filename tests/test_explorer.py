@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -15,12 +16,12 @@ from pathlib import Path
 import pytest
 
 import bannermatch.explorer as explorer_module
-import bannermatch.query as query_module
+from bannermatch import extract_features, list_feature_sets, make_recipe, query
 from bannermatch.errors import BannermatchError
 from bannermatch.explorer import explore
-from bannermatch import extract_features, list_feature_sets, make_recipe
-from bannermatch import query
 from conftest import APPS, TINY_ARCH
+
+query_module = importlib.import_module("bannermatch.query")  # `bannermatch.query` is the function of that name
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Colab's versions (/work/shared/colab/README.md, googlecolab/backend-info); --no-deps: the rest comes from this venv.
@@ -130,7 +131,7 @@ def archive_store(banner_dir, tiny_weights, tmp_path_factory):
 def test_banners_on_show_are_read_from_the_archive_once(archive_store, monkeypatch):
     opened = []
     real_open = tarfile.open
-    monkeypatch.setattr(tarfile, "open", lambda *args, **kwargs: opened.append(args[0]) or real_open(*args, **kwargs))
+    monkeypatch.setattr(tarfile, "open", lambda *args, **kwargs: opened.append(1) or real_open(*args, **kwargs))
     ex = explore(archive_store, game="220", k=3)
     assert opened and _shown(ex) == _expected(ex, "220") and ex.grid.value.count("data:image/jpeg;base64,") == 4
     opened.clear()
