@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
+from .defaults import DEFAULT_STORE
 from .display import banner_images
 from .errors import BannermatchError
 from .features import (MANIFEST, FeatureSet, Recipe, embed_images, extract_features,
@@ -412,7 +413,7 @@ def recipe_grid(
 def compare(
     images: str | Path | ImageSource,
     recipes: Iterable[Recipe],
-    store: str | Path = "bannermatch_data/features",
+    store: str | Path = DEFAULT_STORE,
     weights: str | Path | None = None,
     device: str | None = None,
     k: int = 10,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import ipywidgets as widgets
 
+from .defaults import DEFAULT_STORE
 from .errors import BannermatchError
 from .features import FeatureSet, list_feature_sets
 from .gallery import GRID_STYLE, banner_figure, match_grid, store_page, thumbnail_data_uri
@@ -115,7 +116,7 @@ class Explorer(widgets.VBox):
         return f"<style>{GRID_STYLE}</style>{match_grid(query_fig, grid)}"
 
 
-def explore(store: str | Path = "bannermatch_data/features", weights: str | Path | None = None,
+def explore(store: str | Path = DEFAULT_STORE, weights: str | Path | None = None,
             game: str | None = None, k: int = 10, device: str | None = None) -> Explorer:
     """The explorer over every feature set in ``store``; display it (last line of a notebook cell).
 
