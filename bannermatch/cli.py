@@ -7,14 +7,13 @@ import logging
 import sys
 from pathlib import Path
 
+from .defaults import DATA_DIR, DEFAULT_IMAGES, DEFAULT_STORE
 from .errors import BannermatchError
 from .recipe import DTYPES
 from .steam import STEAM_CDN
-from .store import DEFAULT_STORE
 
 log = logging.getLogger("bannermatch")
 
-DEFAULT_IMAGES = "bannermatch_data/banners"
 EXAMPLE_QUERY = "227300"  # Euro Truck Simulator 2, the original write-up's query
 
 
@@ -182,7 +181,7 @@ def add_core_commands(sub) -> None:
     p.add_argument("-k", type=_positive, default=10, help="neighbours per banner (default: %(default)s)")
     p.add_argument("--queries", nargs="+", default=[EXAMPLE_QUERY], help="what to show (default: %(default)s, Euro Truck Simulator 2)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="autocast precision (default: native bf16/fp16, else fp32)")
-    p.add_argument("--out", default="bannermatch_data/matches.png", metavar="PNG", help="grid image (default: %(default)s)")
+    p.add_argument("--out", default=f"{DATA_DIR}/matches.png", metavar="PNG", help="grid image (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
@@ -229,7 +228,7 @@ def add_evaluate_command(sub) -> None:
     p.add_argument("--queries", type=_positive, default=200, help="banners sampled for copy detection (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sample and edit seed (default: %(default)s)")
     p.add_argument("--transforms", nargs="+", choices=list(TRANSFORMS), help="copy edits (default: all)")
-    p.add_argument("--out", default="bannermatch_data/evaluation", help="folder for results.csv/.md/.png (default: %(default)s)")
+    p.add_argument("--out", default=f"{DATA_DIR}/evaluation", help="folder for results.csv/.md/.png (default: %(default)s)")
     p.add_argument("--store", default=DEFAULT_STORE, help="feature store folder (default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: GPU if any)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -249,7 +248,7 @@ def add_gallery_command(sub) -> None:
     p.add_argument("queries", nargs="*", help="app ids, game names or image files (default: every banner)")
     add_recipe_options(p)
     p.add_argument("-k", type=_positive, default=10, help="matches per query (default: %(default)s)")
-    p.add_argument("--out", default="bannermatch_data/gallery", help="output folder (default: %(default)s)")
+    p.add_argument("--out", default=f"{DATA_DIR}/gallery", help="output folder (default: %(default)s)")
     p.add_argument("--images", default="local", choices=("local", "cdn"),
                    help="local: thumbnails copied into the folder (works offline); cdn: link the Steam CDN")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
+from .defaults import DEFAULT_STORE
 from .display import banner_images
 from .errors import BannermatchError
 from .extraction import embed_components, extract_features, load_backbone

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import ipywidgets as widgets
 
+from .defaults import DEFAULT_STORE
 from .errors import BannermatchError
 from .extraction import load_backbone
 from .store import DEFAULT_STORE, FeatureSet, list_feature_sets

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .defaults import DEFAULT_STORE
 from .errors import BannermatchError
 from .files import atomic_write, file_digest
 from .pooling import COMPONENTS, needed_components, view
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
-DEFAULT_STORE = "bannermatch_data/features"
 
 
 def content_digest(data: bytes) -> str:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import mimetypes
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +87,35 @@ def dinov2_real_state() -> dict[str, torch.Tensor]:
     from onnx_dinov2 import convert
 
     return convert()
+
+
+class StaticServer:
+    """Files served over HTTP on 127.0.0.1, standing in for the Steam CDN or an archive's host; 404 for the rest."""
+
+    def __init__(self, files: dict[str, bytes]):
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = files.get(self.path)
+                self.send_response(200 if body is not None else 404)
+                self.send_header("Content-Type", mimetypes.guess_type(self.path)[0] or "application/octet-stream"
+                                 if body is not None else "text/plain")
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                if self.command == "GET":
+                    self.wfile.write(body or b"")
+
+            do_HEAD = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> StaticServer:
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import subprocess
+import sys
 from io import BytesIO
 from pathlib import Path
 
@@ -13,8 +13,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from bannermatch.defaults import PROJECT_URL
 from bannermatch.sources import open_source
-from conftest import APPS, SHARED_APPS, TINY_ARCH, draw_banner
+from conftest import APPS, SHARED_APPS, TINY_ARCH, StaticServer, draw_banner
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ["match_steam_banners_with_DINO.ipynb", "match_steam_banners_with_BEiT.ipynb", "download_steam_webdataset.ipynb"]
@@ -42,18 +43,32 @@ def pngs(outputs) -> int:
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebooks_are_stored_clean_with_a_colab_badge(name):
+def test_notebooks_are_stored_clean(name):
     nb = nbformat.read(ROOT / name, as_version=4)
     nbformat.validate(nb)
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
     assert all(cell.outputs == [] and cell.execution_count is None for cell in code)
-    assert f"https://colab.research.google.com/github/bannermatch/bannermatch/blob/main/{name}" in nb.cells[0].source
     assert sum("parameters" in cell.metadata.get("tags", []) for cell in code) == 1
     assert max(len(cell.source.splitlines()) for cell in code) <= 20  # library calls, no logic
 
 
+def test_badges_and_install_default_are_the_project_url():
+    """PROJECT_URL is written once: the badges (notebooks, README) and the install cells' default follow it."""
+    repo = PROJECT_URL.removeprefix("https://github.com/")
+    readme = (ROOT / "README.md").read_text()
+    for name in NOTEBOOKS:
+        nb = nbformat.read(ROOT / name, as_version=4)
+        badge = f"(https://colab.research.google.com/github/{repo}/blob/main/{name})"
+        assert badge in nb.cells[0].source and badge in readme
+        params = next(cell for cell in nb.cells if "parameters" in cell.metadata.get("tags", []))
+        assert f'PACKAGE = "git+{PROJECT_URL}"' in params.source
+    assert readme.count("https://colab.research.google.com/github/") == len(NOTEBOOKS)
+    # The rest the helper writes (the install cell, one template for all) is as it would write it.
+    sync = subprocess.run([sys.executable, ROOT / "tools" / "sync_notebooks.py", "--check"], capture_output=True, text=True)
+    assert sync.returncode == 0, sync.stdout + sync.stderr
+
+
 def test_dino_notebook(banner_dir, tiny_weights, tmp_path):
-    pytest.importorskip("bannermatch.evaluate", reason="bannermatch.evaluate is not written yet")
     store = tmp_path / "data" / "features"
     nb = run_notebook("match_steam_banners_with_DINO.ipynb", {
         "MODEL": "dino_vits16", "STRATEGY": "simple", "K": 4, "IMAGES": str(banner_dir), "APP_LIST": str(SHARED_APPS),
@@ -99,50 +114,23 @@ def test_beit_notebook(banner_dir, tiny_beit, tmp_path):
                      for model in ("beit_base_pt22k", "beit_base_pt22k_ft22k", "beit_base_pt22k_ft22k_ft1k")}
 
 
-class _BannerCDN:
-    """The Steam CDN's path layout on 127.0.0.1: synthetic banners for some app ids, 404 for the rest."""
-
-    def __init__(self, served: list[str]):
-        banners = {}
-        for i, appid in enumerate(served):
-            out = BytesIO()
-            draw_banner(100 + i).save(out, "JPEG", quality=90)
-            banners[f"/steam/apps/{appid}/library_600x900.jpg"] = out.getvalue()
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                body = banners.get(self.path)
-                self.send_response(200 if body else 404)
-                self.send_header("Content-Type", "image/jpeg" if body else "text/plain")
-                self.send_header("Content-Length", str(len(body or b"")))
-                self.end_headers()
-                self.wfile.write(body or b"")
-
-            do_HEAD = do_GET
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def banner_cdn(served: list[str]) -> StaticServer:
+    """The Steam CDN's path layout: synthetic banners for some app ids, 404 for the rest."""
+    banners = {}
+    for i, appid in enumerate(served):
+        out = BytesIO()
+        draw_banner(100 + i).save(out, "JPEG", quality=90)
+        banners[f"/steam/apps/{appid}/library_600x900.jpg"] = out.getvalue()
+    return StaticServer(banners)
 
 
 def test_download_notebook(steam_names, tmp_path):
-    pytest.importorskip("bannermatch.download", reason="bannermatch.download is not written yet")
     served = ["227300", "413150", "367520"]
-    cdn = _BannerCDN(served)
-    try:
+    with banner_cdn(served) as cdn:
         nb = run_notebook("download_steam_webdataset.ipynb", {
             "OUTPUT_DIR": str(tmp_path / "banners"), "APP_LIST": str(SHARED_APPS), "APPIDS": [*served, "10"],
             "HOST": cdn.url, "PROCESSES": 1, "THREADS": 4, "SHOW": 3,
         }, tmp_path)
-    finally:
-        cdn.close()
     report = "".join(out.get("text", "") for out in outputs_of(nb, "download_banners("))
     assert "3 of 4 banners" in report and "1 without a vertical banner" in report
     source = open_source(tmp_path / "banners")
@@ -152,7 +140,6 @@ def test_download_notebook(steam_names, tmp_path):
 
 
 def test_download_notebook_reads_an_archive(banner_dir, tmp_path):
-    pytest.importorskip("bannermatch.download", reason="bannermatch.download is not written yet")
     import tarfile
 
     archive = tmp_path / "resized_vertical_steam_banners_v2.tar.gz"
