@@ -91,7 +91,8 @@ def cmd_embed(args) -> None:
 
     recipe = recipe_from_args(args)
     fs = extract_features(args.images, recipe, args.store, args.weights, args.device, args.batch_size,
-                          args.workers, args.chunk_size, progress=not args.quiet, compile=args.compile, dtype=args.dtype)
+                          args.workers, args.chunk_size, progress=not args.quiet, compile=args.compile, dtype=args.dtype,
+                          limit=args.limit)
     print(f"{len(fs.keys)} banners embedded ({fs.features.shape[1]}-d) in {fs.path}"
           + (f"; {len(fs.skipped)} skipped (listed in {fs.path / 'manifest.json'})" if fs.skipped else ""))
 
@@ -159,6 +160,8 @@ def add_core_commands(sub) -> None:
                    help="torch.compile the model: faster for thousands of banners, after 10-30 s of compiling")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="autocast precision (default: bf16, or fp16 on GPUs without bf16, where native; else fp32)")
+    p.add_argument("--limit", type=_positive, metavar="N",
+                   help="embed a reproducible random sample of N banners, to try a setting quickly")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_embed)
 

@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 from .defaults import DEFAULT_STORE
 from .display import banner_images
 from .errors import BannermatchError
-from .extraction import embed_components, extract_features, load_backbone
+from .extraction import embed_components, extract_features, load_backbone, resolve_limit
 from .matches import find_matches
 from .pooling import COMPONENTS, view
 from .recipe import Recipe, make_recipe, resolve_device, resolve_dtype
@@ -425,11 +425,14 @@ def compare(
     transforms: Iterable[str] | None = None,
     progress: bool = True,
     dtype: str = "auto",
+    limit: int | str | None = None,
+    include: Iterable[str] = (),
 ) -> Comparison:
     """Copy detection, franchise precision@k and agreement for each recipe on one collection of banners.
 
     Features come from (or go into) the feature store, matches are cached there too, and so are the
-    embedded copies: a second call with the same arguments embeds nothing. Recipes that differ only in their
+    embedded copies: a second call with the same arguments embeds nothing. ``limit``: compare on a sample
+    (``auto``: all banners on a GPU, a sample on a CPU; see :func:`~bannermatch.extraction.resolve_limit`). Recipes that differ only in their
     strategy share one forward pass, over the collection and over the copies.
     """
     recipes = list(dict.fromkeys(recipes))
@@ -439,6 +442,8 @@ def compare(
         raise BannermatchError("n_queries must be at least 1")
     transforms = _check_transforms(transforms)
     source = images if isinstance(images, ImageSource) else open_source(images)
+    if (limit := resolve_limit(limit, device)) is not None:
+        source = source.sample(limit, include=include)
     rows, neighbour_lists = [], []
     for recipe in recipes:
         fs = extract_features(source, recipe, store, weights, device, progress=progress, dtype=dtype)

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -242,6 +243,8 @@ def extract_features(
     progress: bool = True,
     compile: bool = False,
     dtype: str = "auto",
+    limit: int | None = None,
+    include: Iterable[str] = (),
 ) -> FeatureSet:
     """Embed a collection with ``recipe``'s forward pass into ``store/<recipe.slug>/`` and return its features.
 
@@ -250,11 +253,17 @@ def extract_features(
     goes on. ``dtype`` is the autocast precision (``auto``: bf16/fp16 where the hardware has it natively);
     ``batch_size`` defaults to :func:`~bannermatch.recipe.default_batch_size`; ``workers`` (decoding processes)
     to none on a CPU, up to 4 with a GPU. ``compile`` runs the model through ``torch.compile``
-    (:class:`CompiledEmbedder`): worth it for thousands of images.
+    (:class:`CompiledEmbedder`): worth it for thousands of images. ``limit`` embeds a reproducible random sample
+    of that many banners (with the keys of ``include`` among them), to try a setting quickly; the sample's
+    features are kept for the full run.
     """
     from tqdm.auto import tqdm
 
     source = images if isinstance(images, ImageSource) else open_source(images)
+    if limit is not None:
+        if limit < 1:
+            raise BannermatchError("limit must be at least 1")
+        source = source.sample(limit, include=include)  # kept in the store; the stored collection stays whole
     fstore = FeatureStore.open(Path(store) / recipe.slug, recipe, create=True)
     fstore.rows()  # checks every segment's digest
     for file in fstore.damaged:
@@ -299,6 +308,7 @@ def extract_features(
         with _cpu_heap_kept(dev), tqdm(total=len(todo), desc=f"embedding {recipe.label}", unit="img",
                                        disable=not progress) as bar:
             started = time.perf_counter()
+            clock = _Forecast(len(todo), recipe, dev, run_dtype)
             for batch in loader:
                 for i, digest in batch["settled"]:
                     digest_of[i] = digest
@@ -326,6 +336,7 @@ def extract_features(
                         learnt[identities[i]] = digest
                     padded += batch["padded"]
                 bar.update(len(batch["indices"]) + len(batch["settled"]) + len(batch["skipped"]))
+                clock.step(len(batch["indices"]) + len(batch["settled"]) + len(batch["skipped"]))
                 flush()
             flush(final=True)
             if learnt or failed:
@@ -334,14 +345,105 @@ def extract_features(
             log.warning("keep: %d banners are wider than 2:3 (square archives, for one) and were padded to the "
                         "2:3 input; use crop or squash for them", padded)
         log.debug("embedded %d images in %.1f s", len(todo), time.perf_counter() - started)
-    _save_collection(fstore, source, digest_of, unread)
+    collection = _collection(fstore, source, digest_of, unread)
+    if not source.sampled and collection != fstore.manifest.get("collection"):  # a sample is not the collection
+        fstore.record({}, {}, collection)
     fstore.add_view(recipe)
-    return fstore.feature_set(recipe)
+    return fstore.feature_set(recipe, collection)
 
 
-def _save_collection(fstore: FeatureStore, source: ImageSource, digest_of: dict[int, str],
-                     unread: dict[int, str]) -> None:
-    """The collection is the listed images, in order, whose features are stored; the rest are reported."""
+@torch.inference_mode()
+def estimate_seconds(recipe: Recipe, n: int, device=None, dtype: str = "auto", batch_size: int | None = None) -> float:
+    """About how long the model takes to embed ``n`` banners with ``recipe``'s pass on ``device`` (decoding not
+    included), timed on two batches of the same network with random weights: nothing is downloaded."""
+    dev = resolve_device(device)
+    run_dtype = resolve_dtype(dtype, dev)
+    spec = get_spec(recipe.model)
+    timed = spec if spec.timm_name else get_spec(f"{spec.name}_ft22k")  # BEiT pt22k: the same network in timm
+    resizable = timed.family != "beit"
+    # an architecture override (the recipe's own, or one equal to the default) builds the network without weights
+    arch = recipe.arch if recipe.arch and recipe.source == "timm" else (("embed_dim", timed.embed_dim),)
+    probe = replace(recipe, model=timed.name, source="timm", weights=None, arch=arch,
+                    preprocess=recipe.preprocess if resizable else "crop", multiscale=recipe.multiscale and resizable)
+    scale = 1.0 if resizable else recipe.tokens() / probe.tokens() * (
+        sum(s * s for s in MULTISCALE) if recipe.multiscale else 1.0)
+    backbone = load_backbone(probe, None, dev)
+    batch_size = batch_size or default_batch_size(probe, dev)
+    x = torch.randn(batch_size, 3, *probe.input_size(), device=dev)
+    compute_components(backbone, x, probe, run_dtype)  # warm-up
+    _synchronize(dev)
+    started = time.perf_counter()
+    for _ in range(2):
+        compute_components(backbone, x, probe, run_dtype)
+    _synchronize(dev)
+    return n * scale * (time.perf_counter() - started) / (2 * batch_size)
+
+
+CPU_SAMPLE = 1000  # banners a comparison embeds on a CPU by default: minutes per model instead of hours
+
+
+def resolve_limit(limit: int | str | None, device=None) -> int | None:
+    """``auto``: every banner on a GPU, a sample of :data:`CPU_SAMPLE` on a CPU."""
+    if limit == "auto":
+        return None if resolve_device(device).type == "cuda" else CPU_SAMPLE
+    return limit
+
+
+def embed_settings(images: str | Path | ImageSource, recipes: Iterable[Recipe], store: str | Path = DEFAULT_STORE,
+                   weights: str | Path | None = None, device=None, limit: int | str | None = "auto",
+                   include: Iterable[str] = (), compile: bool = False, progress: bool = True) -> list[FeatureSet]:
+    """The features of several settings on the same banners (a sample of ``limit``, see :func:`resolve_limit`, with
+    ``include`` among them), after printing how long it will take at most. Settings that differ only in their
+    strategy share one forward pass."""
+    source = images if isinstance(images, ImageSource) else open_source(images)
+    limit = resolve_limit(limit, device)
+    if limit is not None:
+        source = source.sample(limit, include=include)
+    recipes = list(recipes)
+    passes = list({r.slug: r for r in recipes}.values())
+    seconds = sum(estimate_seconds(r, len(source), device) for r in passes)
+    print(f"{len(recipes)} settings = {len(passes)} forward passes over {len(source)} banners on "
+          f"{resolve_device(device).type}: at most {format_duration(seconds)} (stored banners are not embedded again)")
+    return [extract_features(source, r, store, weights, device, progress=progress, compile=compile) for r in recipes]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Forecast:
+    """Says once, after the first batches, how long the whole run will take (the progress bar says it too, but
+    is easy to miss in a notebook log, and a user deciding whether to wait wants it stated)."""
+
+    WARMUP = 1  # the first batch pays for the model's first call
+
+    def __init__(self, total: int, recipe: Recipe, device: torch.device, dtype: str):
+        self.total, self.what = total, f"{recipe.model} on {device.type} ({dtype})"
+        self.done = self.batches = 0
+        self.since: float | None = None
+
+    def step(self, n: int) -> None:
+        self.batches += 1
+        self.done += n
+        if self.batches == self.WARMUP:
+            self.since, self.counted = time.perf_counter(), self.done
+        elif self.batches == self.WARMUP + 2 and self.done < self.total:
+            rate = (self.done - self.counted) / max(time.perf_counter() - self.since, 1e-9)
+            log.info("embedding %d banners with %s: about %s at %.1f banners/s", self.total, self.what,
+                     format_duration((self.total - self.done) / rate), rate)
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _collection(fstore: FeatureStore, source: ImageSource, digest_of: dict[int, str], unread: dict[int, str]) -> dict:
+    """The listed images, in order, whose features are stored; the rest are reported."""
     failed = fstore.manifest["failed"]
     entries, skipped = [], []
     for i, e in enumerate(source.entries):
@@ -352,8 +454,6 @@ def _save_collection(fstore: FeatureStore, source: ImageSource, digest_of: dict[
             skipped.append([e.key, failed[digest]])
         elif digest is not None:
             entries.append([e.key, digest])
-    collection = {"images": str(Path(source.path).resolve()), "entries": entries, "names": source.names,
-                  "skipped": skipped + [list(s) for s in source.report.skipped],
-                  "duplicates": [list(d) for d in source.report.duplicates]}
-    if collection != fstore.manifest.get("collection"):
-        fstore.record({}, {}, collection)
+    return {"images": str(Path(source.path).resolve()), "entries": entries, "names": source.names,
+            "skipped": skipped + [list(s) for s in source.report.skipped],
+            "duplicates": [list(d) for d in source.report.duplicates]}

@@ -40,8 +40,9 @@ class Matches:
 
     @property
     def path(self) -> Path:
-        """Where these matches are kept: one file per strategy and search setting."""
-        return self.features.path / "matches" / f"{self.features.recipe.view}.{self.precision}.{self.backend}.npz"
+        """Where these matches are kept: one file per collection (a sample has its own), strategy and setting."""
+        fs = self.features
+        return fs.path / "matches" / f"{fs.recipe.view}.{self.precision}.{self.backend}.{fs.content_id}.npz"
 
     def of(self, key: str) -> list[tuple[str, float]]:
         i = self.features.index_of(key)

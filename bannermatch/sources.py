@@ -1,7 +1,7 @@
 """Image sources: ``(key, image)`` from folders and tar/zip archives read in place, at any depth.
 
 A source is listed once, cheaply (names, sizes and the small JSON metadata of img2dataset samples), which
-gives every image a stable index, its key (the Steam app id) and a fingerprint of the whole collection.
+gives every image a stable index and its key (the Steam app id).
 Bytes are read later, only for the indices asked for, so interrupted runs can skip finished work and
 DataLoader workers can split the collection without reading each other's images.
 
@@ -15,19 +15,19 @@ is used.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
 import lzma
 import os
+import random
 import re
 import tarfile
 import warnings
 import zipfile
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -270,10 +270,11 @@ def _walk_file(path: Path, descend=lambda via: True):
 class ImageSource:
     """A listed collection of images. Build one with :func:`open_source`."""
 
-    def __init__(self, path: Path, entries: list[Entry], report: Report):
+    def __init__(self, path: Path, entries: list[Entry], report: Report, sampled: bool = False):
         self.path = path
         self.entries = entries
         self.report = report  # problems found while listing (damaged archives, unsafe members, duplicates)
+        self.sampled = sampled  # a sample of the collection at ``path``, not the collection itself
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -286,13 +287,16 @@ class ImageSource:
     def names(self) -> dict[str, str]:
         return {e.key: e.name for e in self.entries if e.name}
 
-    def fingerprint(self) -> str:
-        """Identifies the collection by its keys, locations and sizes, without reading any image."""
-        h = hashlib.sha256()
-        for e in self.entries:
-            member = "\0".join([*e.via, e.member])
-            h.update(f"{e.key}\0{Path(e.container).name}\0{member}\0{e.size}\n".encode())
-        return h.hexdigest()[:16]
+    def sample(self, n: int, seed: int = 0, include: Iterable[str] = ()) -> ImageSource:
+        """``n`` banners drawn at random (reproducibly, kept in listing order), always with the keys of ``include``
+        that the collection holds, to try a setting quickly."""
+        if n >= len(self.entries):
+            return self
+        wanted = set(include)
+        kept = [i for i, e in enumerate(self.entries) if e.key in wanted][:n]
+        rest = [i for i in range(len(self.entries)) if self.entries[i].key not in wanted]
+        picked = sorted(kept + random.Random(seed).sample(rest, n - len(kept)))
+        return ImageSource(self.path, [self.entries[i] for i in picked], self.report, sampled=True)
 
     def read(self, wanted: Callable[[int], bool] = lambda i: True) -> Iterator[tuple[int, Entry, bytes]]:
         """Yield ``(index, entry, bytes)`` once for every wanted index, grouped by file.

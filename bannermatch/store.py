@@ -209,9 +209,9 @@ class FeatureStore:
                 raise BannermatchError(f"{file} is damaged ({exc}); run embed again to recompute it") from None
         return out
 
-    def feature_set(self, recipe: Recipe) -> FeatureSet:
-        """The collection's features under ``recipe``'s strategy."""
-        collection = self.manifest.get("collection")
+    def feature_set(self, recipe: Recipe, collection: dict | None = None) -> FeatureSet:
+        """The features of the stored collection (or of ``collection``: a sample) under ``recipe``'s strategy."""
+        collection = collection or self.manifest.get("collection")
         if not collection:
             raise BannermatchError(f"{self.path} is incomplete (the last embed did not finish); run embed again to resume")
         keys = [k for k, _ in collection["entries"]]

@@ -243,3 +243,28 @@ def test_recipe_mismatch_is_refused(banner_dir, tiny_weights, tmp_path):
         load_features(fs.path, _recipe(tiny_weights, preprocess="squash"))
     with pytest.raises(BannermatchError, match="same --weights"):
         query(fs, str(banner_dir / "10.jpg"))  # a new image needs the very weights the features were made with
+
+
+def test_a_sample_is_embedded_and_kept_but_the_stored_collection_stays_whole(banner_dir, tiny_weights, tmp_path,
+                                                                              model_calls):
+    recipe = _recipe(tiny_weights)
+    sample = _embed(banner_dir, recipe, tmp_path, tiny_weights, limit=5, include=["227300"])
+    assert len(sample.keys) == 5 and "227300" in sample.keys and sum(model_calls) == 5
+    assert sample.keys == _embed(banner_dir, recipe, tmp_path / "again", tiny_weights, limit=5, include=["227300"]).keys
+    with pytest.raises(BannermatchError, match="incomplete"):  # nothing but a sample was embedded so far
+        load_features(sample.path)
+    model_calls.clear()
+    full = _embed(banner_dir, recipe, tmp_path, tiny_weights)
+    assert sum(model_calls) == 20 - 5 and len(load_features(full.path).keys) == 20
+    sample_matches, full_matches = find_matches(sample, 2), find_matches(full, 2)
+    assert sample_matches.path != full_matches.path  # neither overwrites the other
+
+
+def test_estimated_time_follows_the_network():
+    from bannermatch.extraction import estimate_seconds
+
+    # timed on the real networks with random weights (nothing downloaded): ViT-S/8 has 4x the tokens of ViT-S/16
+    small = estimate_seconds(make_recipe("dino_vits16"), 1000, "cpu", batch_size=2)
+    fine = estimate_seconds(make_recipe("dino_vits8"), 1000, "cpu", batch_size=2)
+    assert 0 < small < fine and fine / small > 2
+    assert estimate_seconds(make_recipe("dino_vits16"), 0, "cpu") == 0
