@@ -27,6 +27,7 @@ from .backbones import Backbone, create_model, get_spec, weights_identity
 from .errors import BannermatchError
 from .pooling import COMPONENTS, pool_components, view
 from .recipe import (MULTISCALE, STORED_BLOCKS, Recipe, default_batch_size, resolve_device, resolve_dtype)
+from .snapshots import snapshot_in
 from .sources import ImageSource, SkipImage, Unreadable, decode_image, open_source, prepare_image
 from .store import DEFAULT_STORE, FeatureSet, FeatureStore, content_digest, listing_identity
 
@@ -260,6 +261,8 @@ def extract_features(
     from tqdm.auto import tqdm
 
     source = images if isinstance(images, ImageSource) else open_source(images)
+    if (snapshot := snapshot_in(source.path)) is not None:
+        snapshot.check_preprocess(recipe.preprocess)
     if limit is not None:
         if limit < 1:
             raise BannermatchError("limit must be at least 1")

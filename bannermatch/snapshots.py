@@ -74,6 +74,16 @@ def get_snapshot(name: str) -> Snapshot:
         raise BannermatchError(f"unknown snapshot {name!r}; choose one of {', '.join(SNAPSHOTS)}") from None
 
 
+def snapshot_in(path: str | Path) -> Snapshot | None:
+    """The snapshot a folder (or an archive in it) was fetched as, from the marker :func:`fetch_snapshot` leaves."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    try:
+        return SNAPSHOTS.get(json.loads((folder / SNAPSHOT_MARKER).read_text(encoding="utf-8"))["name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _mirrored(url: str, mirror: str | None) -> str:
     return f"{mirror.rstrip('/')}{urllib.parse.urlparse(url).path}" if mirror else url
 

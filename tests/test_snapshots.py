@@ -163,3 +163,16 @@ def test_a_snapshot_missing_a_part_says_so(tmp_path):
     assert len(source) == 6
     assert source.report.skipped == [(str(tmp_path), f"{tmp_path} lacks images_partB.tar.gz of the dinov2-2023 snapshot: "
                                       f"run `bannermatch download --snapshot dinov2-2023 {tmp_path}` again")]
+
+
+def test_keep_on_the_squashed_snapshot_is_refused_in_one_line(tmp_path, tiny_weights):
+    with serve(routes_for("dino-2021", build("dino-2021"), cut=False)) as server:
+        fetch_snapshot("dino-2021", tmp_path / "dino-2021", mirror=server.url, progress=False)
+    arch = ",".join(f"{k}={v}" for k, v in TINY_ARCH.items())
+    proc = subprocess.run([sys.executable, "-m", "bannermatch.cli", "embed", str(tmp_path / "dino-2021"),
+                           "--model", "dino_vits16", "--arch", arch, "--weights", str(tiny_weights), "--preprocess",
+                           "keep", "--store", str(tmp_path / "store"), "--device", "cpu", "--quiet"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "dino-2021 snapshot holds banners squashed to 224x224" in proc.stderr
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
