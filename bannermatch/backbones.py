@@ -289,15 +289,15 @@ def _create_timm(spec, weights, arch) -> Backbone:
         registers = getattr(model, "reg_token", None) is not None
         # DINOv2 with registers resizes to the grid with antialiasing; DINO and DINOv2 by a scale factor with their
         # historical 0.1 offset, without (dinov2/hub/backbones.py, dino/vision_transformer.py)
-        model._pos_embed = types.MethodType(functools.partial(
-            _meta_pos_embed, offset=0.0 if registers else 0.1, antialias=registers), model)
+        model.pos_offset, model.pos_antialias = (0.0, True) if registers else (0.1, False)
+        model._pos_embed = types.MethodType(_meta_pos_embed, model)
     backbone = TimmBackbone(spec, model, model.embed_dim, len(model.blocks), model.num_prefix_tokens,
                             getattr(model, "fc_norm", None))
     backbone.dynamic_size = spec.family != "beit"
     return backbone
 
 
-def _meta_pos_embed(model, x: torch.Tensor, offset: float, antialias: bool) -> torch.Tensor:
+def _meta_pos_embed(model, x: torch.Tensor) -> torch.Tensor:
     """timm's ``VisionTransformer._pos_embed`` (dynamic size, NHWC patches) with the position grid resized as Meta's
     ``interpolate_pos_encoding`` does, from the grid the weights were trained at, so timm's features equal the
     originals' at every input size (timm resizes to the size, with antialiasing)."""
@@ -307,10 +307,11 @@ def _meta_pos_embed(model, x: torch.Tensor, offset: float, antialias: bool) -> t
     grid = pos[:, kept:]
     side = math.isqrt(grid.shape[1])
     if (height, width) != (side, side):
+        offset = model.pos_offset
         resize = (dict(scale_factor=((height + offset) / side, (width + offset) / side)) if offset
                   else dict(size=(height, width)))
         grid = F.interpolate(grid.float().reshape(1, side, side, dim).permute(0, 3, 1, 2), mode="bicubic",
-                             antialias=antialias, **resize).permute(0, 2, 3, 1).reshape(1, height * width, dim)
+                             antialias=model.pos_antialias, **resize).permute(0, 2, 3, 1).reshape(1, height * width, dim)
         pos = torch.cat([pos[:, :kept], grid.to(pos.dtype)], dim=1)
     x = x.reshape(batch, height * width, dim)
     prefix = [model.cls_token.expand(batch, -1, -1)]

@@ -371,7 +371,8 @@ def estimate_seconds(recipe: Recipe, n: int, device=None, dtype: str = "auto", b
     scale = 1.0 if resizable else recipe.tokens() / probe.tokens() * (
         sum(s * s for s in MULTISCALE) if recipe.multiscale else 1.0)
     backbone = load_backbone(probe, None, dev)
-    batch_size = batch_size or default_batch_size(probe, dev)
+    # a few images per batch on a CPU: the rate per image hardly changes, and the estimate stays quick
+    batch_size = batch_size or (default_batch_size(probe, dev) if dev.type == "cuda" else 4)
     x = torch.randn(batch_size, 3, *probe.input_size(), device=dev)
     compute_components(backbone, x, probe, run_dtype)  # warm-up
     _synchronize(dev)

@@ -264,7 +264,7 @@ def test_estimated_time_follows_the_network():
     from bannermatch.extraction import estimate_seconds
 
     # timed on the real networks with random weights (nothing downloaded): ViT-S/8 has 4x the tokens of ViT-S/16
-    small = estimate_seconds(make_recipe("dino_vits16"), 1000, "cpu", batch_size=2)
-    fine = estimate_seconds(make_recipe("dino_vits8"), 1000, "cpu", batch_size=2)
+    small = estimate_seconds(make_recipe("dino_vits16"), 1000, "cpu")
+    fine = estimate_seconds(make_recipe("dino_vits8"), 1000, "cpu")
     assert 0 < small < fine and fine / small > 2
     assert estimate_seconds(make_recipe("dino_vits16"), 0, "cpu") == 0
