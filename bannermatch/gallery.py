@@ -174,3 +174,45 @@ def write_gallery(
             f'<div class="bm-grid">{"".join(index_items)}</div>')
     index.write_text(_page("Look-alike Steam banners", body), encoding="utf-8")
     return index
+
+
+#: Page title and file of each report of :mod:`bannermatch.queries`.
+_REPORTS = {"Duplicates": ("Duplicate banners", "duplicates.html"),
+            "UniqueBanners": ("The most unique banners", "unique.html"),
+            "Issues": ("Banner issues", "issues.html"),
+            "MostPlayed": ("Look-alikes of the most-played games", "most_played.html")}
+
+
+def write_report(report, out_dir: str | Path = "gallery", images: str = "local", host: str = STEAM_CDN,
+                 progress: bool = True) -> Path:
+    """One page for a report of :mod:`bannermatch.queries` (duplicate groups, unique banners, issues, most played):
+    its summary, then its rows of banners (name, app id, score), in ``out_dir`` beside the gallery's index.
+    Returns the page's path; ``images`` as for :func:`write_gallery`."""
+    if images not in IMAGE_MODES:
+        raise BannermatchError(f"unknown image mode {images!r}; choose one of: {', '.join(IMAGE_MODES)}")
+    try:
+        title, file = _REPORTS[type(report).__name__]
+    except KeyError:
+        raise BannermatchError(f"no gallery page for a {type(report).__name__}") from None
+    features = report.features
+    rows = report.rows()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = {item for _, items in rows for item, _ in items if isinstance(item, str)}
+    if images == "local":
+        thumbs = _write_thumbnails(features, keys, out / "thumbs", progress)
+    else:
+        thumbs = {key: banner_url(key, host) for key in keys if key.isdigit()}
+    sections = []
+    for label, items in rows:
+        figures = "".join(
+            banner_figure(thumbs.get(item), features.name(item), item, score, store_page(item)) if isinstance(item, str)
+            else banner_figure(thumbnail_data_uri(item), "", None, score) for item, score in items)
+        sections.append(f'<h2>{_e(label)}</h2><div class="bm-grid">{figures}</div>')
+    nav = '<p><a href="index.html">gallery</a></p>' if (out / "index.html").exists() else ""
+    summary = "<br>".join(_e(line) for line in report.summary().splitlines())
+    body = (f'{nav}<h1>{_e(title)}</h1><p>{summary}</p>'
+            f'<p class="bm-key">{_e(features.recipe.label)} · {len(features.keys)} banners</p>{"".join(sections)}')
+    page = out / file
+    page.write_text(_page(title, body), encoding="utf-8")
+    return page
