@@ -94,11 +94,12 @@ def _page(title: str, body: str) -> str:
             f"<body>{body}</body></html>\n")
 
 
-def _results(features: FeatureSet, queries, k: int, matches: Matches | None) -> list[QueryResult]:
+def _results(features: FeatureSet, queries, k: int, matches: Matches | None, exclude=None) -> list[QueryResult]:
     if queries is None or queries == "all":
-        matches = matches if matches is not None and matches.k >= k else find_matches(features, k)
+        if exclude is not None or matches is None or matches.k < k:
+            matches = find_matches(features, k, exclude=exclude)
         return [QueryResult(key, features.name(key), None, matches.of(key)[:k]) for key in features.keys]
-    return query(features, queries, k=k, matches=matches)
+    return query(features, queries, k=k, matches=matches, exclude=exclude)
 
 
 def _write_thumbnails(features: FeatureSet, keys: set[str], folder: Path, progress: bool) -> dict[str, str]:
@@ -126,15 +127,17 @@ def write_gallery(
     matches: Matches | None = None,
     host: str = STEAM_CDN,
     progress: bool = True,
+    exclude=None,
 ) -> Path:
     """Write the gallery of ``queries`` (app ids, names, image files; None or "all" = every banner) and return index.html.
 
     ``images="local"`` writes thumbnails into ``out_dir/thumbs`` (the folder works offline);
-    ``images="cdn"`` links the banners on the Steam CDN at ``host``.
+    ``images="cdn"`` links the banners on the Steam CDN at ``host``. ``exclude``: a
+    :class:`~bannermatch.queries.Exclusion` (banners kept out of the matches).
     """
     if images not in IMAGE_MODES:
         raise BannermatchError(f"unknown image mode {images!r}; choose one of: {', '.join(IMAGE_MODES)}")
-    results = _results(features, queries, k, matches)
+    results = _results(features, queries, k, matches, exclude)
     out = Path(out_dir)
     pages = out / "pages"
     pages.mkdir(parents=True, exist_ok=True)
