@@ -363,9 +363,12 @@ def cmd_issues(args) -> None:
 def cmd_most_played(args) -> None:
     from .queries import most_played
 
+    from .steam import load_app_names
+
     fs = features_from_args(args)
+    names = load_app_names(args.app_list) if args.app_list else None
     report = most_played(fs, args.appids or args.chart, args.k, args.n, args.host, args.api, args.steamspy,
-                         args.weights, args.device, exclusion_from_args(args, fs))
+                         args.weights, args.device, exclusion_from_args(args, fs), names)
     for game in report.games:
         if game.matches:
             print(f"#{game.rank} {game.name or game.appid} ({game.appid}): "
@@ -418,6 +421,7 @@ def add_report_commands(sub) -> None:
     p.add_argument("--host", default=STEAM_CDN, help="banner CDN for missing games (default: %(default)s)")
     p.add_argument("--api", default=STEAM_API, help="Steam Web API (default: %(default)s)")
     p.add_argument("--steamspy", default=STEAMSPY_API, help="SteamSpy API (default: %(default)s)")
+    p.add_argument("--app-list", metavar="FILE", help="{appid: name} JSON naming games the collection lacks")
     outputs(p, listed=False)
     add_exclusion_options(p)
     p.set_defaults(func=cmd_most_played)

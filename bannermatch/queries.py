@@ -170,6 +170,7 @@ def duplicate_threshold(
     from .evaluate import _check_transforms, _copy_features
 
     edits = _check_transforms(edits)
+    n_queries = min(n_queries, len(features.keys))  # a larger sample is the whole collection, the same copies
     settings = {"features": features.content_id, "n_queries": n_queries, "percentile": percentile,
                 "edits": list(edits), "seed": seed}
     path = features.path / THRESHOLD_FILE
@@ -659,12 +660,14 @@ def most_played(
     weights: str | Path | None = None,
     device: str | None = None,
     exclude: Exclusion | None = None,
+    names: dict[str, str] | None = None,
     timeout: float = 10,
 ) -> MostPlayed:
     """The top-k look-alikes of the ``n`` most-played games (``games="steam"``: Steam's chart; ``"steamspy"``:
     SteamSpy's top 100 in two weeks; or a list of app ids). A game missing from the collection has its banner
     fetched from the CDN at ``host`` and embedded with the features' own recipe (``weights``: the features'
-    local weights); games without a banner are listed as unavailable."""
+    local weights); games without a banner are listed as unavailable. ``names`` ({appid: name}, e.g. Steam's app
+    list) names games the collection does not hold."""
     from .query import query
 
     if isinstance(games, str):
@@ -674,7 +677,9 @@ def most_played(
         if bad := [a for a, _ in apps if not a.isdigit()]:
             raise BannermatchError(f"app ids must be integers, got {', '.join(map(repr, bad[:5]))}")
     index = features.index_map()
-    played = [PlayedGame(r + 1, appid, features.name(appid) or name, "in collection" if appid in index else "")
+    names = names or {}
+    played = [PlayedGame(r + 1, appid, features.name(appid) or names.get(appid) or name,
+                         "in collection" if appid in index else "")
               for r, (appid, name) in enumerate(apps)]
     for game in played:
         if not game.status:
