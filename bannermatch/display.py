@@ -154,7 +154,9 @@ def show_grid(
     images = banner_images(features, keys)
     fig = plt.figure(figsize=(1.9 * ncols, 3.7 * max(1, len(rows))), layout="constrained")
     if not rows:
-        fig.text(0.05, 0.5, empty, fontsize=12, va="center")
+        ax = fig.add_subplot()
+        ax.axis("off")
+        ax.text(0, 0.5, empty, fontsize=12, va="center")
     for sub, (label, items) in zip(fig.subfigures(max(1, len(rows)), 1, squeeze=False)[:, 0], rows):
         sub.suptitle(label, x=0.01, ha="left", fontsize=9, fontweight="bold")
         axes = sub.subplots(1, ncols, squeeze=False)[0]
