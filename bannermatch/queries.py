@@ -199,7 +199,8 @@ def near_pairs(features: FeatureSet, threshold: float, matches: Matches | None =
     n = len(features.keys)
     if n < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    m = matches if matches is not None else find_matches(features, min(10, n - 1), device)
+    # filtered matches (an Exclusion's) lack pairs by design: only plain ones will do
+    m = matches if matches is not None and not matches.excluded else find_matches(features, min(10, n - 1), device)
     hit = m.scores >= threshold
     rows, cols, scores = [np.nonzero(hit)[0]], [m.neighbours[hit]], [m.scores[hit]]
     full = np.flatnonzero(hit[:, -1]) if m.k < n - 1 else np.zeros(0, np.int64)
@@ -367,7 +368,7 @@ def find_unique(features: FeatureSet, n: int = 24, matches: Matches | None = Non
         raise BannermatchError("n must be at least 1")
     if len(features.keys) < 2:
         raise BannermatchError("ranking banners by their nearest neighbour needs at least two banners")
-    m = matches if matches is not None else find_matches(features, 1, device)
+    m = matches if matches is not None and not matches.excluded else find_matches(features, 1, device)
     order = np.argsort(m.scores[:, 0], kind="stable")
     return UniqueBanners(features, [features.keys[i] for i in order],
                          [features.keys[j] for j in m.neighbours[order, 0]], m.scores[order, 0].astype(np.float32), n)

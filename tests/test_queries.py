@@ -321,3 +321,15 @@ def test_most_played_from_steamspy_and_given_app_ids(planted, tiny_weights):
     assert [(g.appid, g.name) for g in report.games] == [(DISTINCT[6], APPS[DISTINCT[6]])]
     given = most_played(planted, [DISTINCT[8], DISTINCT[9]], k=2)
     assert [g.appid for g in given.games] == [DISTINCT[8], DISTINCT[9]] and not given.fetched
+
+
+def test_report_pages_escape_names(planted, tmp_path):
+    from dataclasses import replace
+
+    evil = '<script>window.__pwned=1</script> "q" & \'s\''
+    fs = replace(planted, names={**planted.names, DISTINCT[2]: evil})
+    report = most_played(fs, [DISTINCT[2]], k=2)
+    for page in (write_report(find_duplicates(fs, 0.995, progress=False), tmp_path, images="cdn"),
+                 write_report(report, tmp_path, images="cdn")):
+        html = page.read_text()
+        assert "<script" not in html and "&lt;script&gt;window.__pwned=1&lt;/script&gt;" in html
