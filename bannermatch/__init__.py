@@ -3,7 +3,8 @@
 The pipeline, one module per concern: ``steam`` (app lists, names), ``sources`` (images), ``backbones``
 (models and their token layout), ``recipe`` (what names a feature set), ``pooling`` (strategies),
 ``extraction`` (the forward pass over a collection), ``store`` (features kept per banner content), ``search``
-(exact cosine top-k), ``matches`` (all-vs-all, cached), ``query``, ``display``, ``evaluate``, ``cli``.
+(exact cosine top-k), ``matches`` (all-vs-all, cached), ``query``, ``queries`` (duplicates, unique banners,
+issues, most played), ``display``, ``evaluate``, ``cli``.
 """
 
 __version__ = "0.2.0"

@@ -67,6 +67,52 @@ def features_from_args(args):
     return load_features(path, recipe)
 
 
+def _cosine(text: str) -> float:
+    value = float(text)
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("a cosine similarity is between -1 and 1")
+    return value
+
+
+def _threshold(text: str) -> float | str:
+    return text if text == "auto" else _cosine(text)
+
+
+def _issue_list(text: str) -> list[str]:
+    from .queries import ISSUES
+
+    issues = [i.strip() for i in text.split(",") if i.strip()]
+    unknown = [i for i in issues if i not in ISSUES]
+    if unknown or not issues:
+        raise argparse.ArgumentTypeError(f"unknown issue {', '.join(unknown) or '(none)'}; choose from: {', '.join(ISSUES)}")
+    return issues
+
+
+def add_exclusion_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("kept out of the matches")
+    g.add_argument("--dedupe", nargs="?", const="auto", type=_threshold, metavar="T",
+                   help="leave out each query's own duplicates (`bannermatch duplicates`; T: the cosine threshold, "
+                        "default derived from copy detection)")
+    g.add_argument("--exclude-issues", type=_issue_list, metavar="ISSUE,...",
+                   help="leave out banners with these issues (`bannermatch issues`), e.g. placeholder,dark")
+
+
+def exclusion_from_args(args, fs):
+    """The Exclusion the options ask for, or None."""
+    from .queries import exclusion, find_duplicates, find_issues
+
+    if not (args.dedupe or args.exclude_issues):
+        return None
+    duplicates = banned = None
+    if args.dedupe:
+        threshold = None if args.dedupe == "auto" else args.dedupe
+        duplicates = find_duplicates(fs, threshold, weights=args.weights, device=args.device,
+                                     progress=not getattr(args, "quiet", False))
+    if args.exclude_issues:
+        banned = find_issues(fs, progress=not getattr(args, "quiet", False)).keys_with(*args.exclude_issues)
+    return exclusion(fs, duplicates, banned or ())
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -101,18 +147,19 @@ def cmd_match(args) -> None:
     from .matches import find_matches
 
     fs = features_from_args(args)
-    m = find_matches(fs, args.k, args.device, args.precision, args.backend)
-    print(f"top-{args.k} matches of {len(fs.keys)} banners ({m.precision} search) saved in {m.save()}")
+    m = find_matches(fs, args.k, args.device, args.precision, args.backend, exclude=exclusion_from_args(args, fs))
+    kept_out = f"; {m.excluded}" if m.excluded else ""
+    print(f"top-{args.k} matches of {len(fs.keys)} banners ({m.precision} search{kept_out}) saved in {m.save()}")
 
 
-def _print_and_draw(fs, queries, k, out, weights=None, device=None, matches=None) -> None:
+def _print_and_draw(fs, queries, k, out, weights=None, device=None, matches=None, exclude=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     from .display import show_matches
     from .query import query
 
-    results = query(fs, queries, k=k, weights=weights, device=device, matches=matches)
+    results = query(fs, queries, k=k, weights=weights, device=device, matches=matches, exclude=exclude)
     for r in results:
         print(f"{r.name or r.key} ({r.key or 'new image'}):")
         for key, score in r.matches:
@@ -123,7 +170,9 @@ def _print_and_draw(fs, queries, k, out, weights=None, device=None, matches=None
 
 
 def cmd_show(args) -> None:
-    _print_and_draw(features_from_args(args), args.queries, args.k, args.out, args.weights, args.device)
+    fs = features_from_args(args)
+    _print_and_draw(fs, args.queries, args.k, args.out, args.weights, args.device,
+                    exclude=exclusion_from_args(args, fs))
 
 
 def cmd_run(args) -> None:
@@ -172,6 +221,7 @@ def add_core_commands(sub) -> None:
                    help="auto: bfloat16 where the hardware has it natively (about 2x faster; candidates rescored in "
                         "float32), else float32 (emulated bf16 is several times slower)")
     p.add_argument("--backend", default="torch", choices=("torch", "faiss"))
+    add_exclusion_options(p)
     p.set_defaults(func=cmd_match)
 
     p = sub.add_parser("run", help="the whole default pipeline: download, embed, match, show an example",
@@ -193,6 +243,7 @@ def add_core_commands(sub) -> None:
     add_recipe_options(p)
     p.add_argument("-k", type=_positive, default=10)
     p.add_argument("--out", metavar="PNG", help="save the grid as a PNG")
+    add_exclusion_options(p)
     p.set_defaults(func=cmd_show)
 
 
@@ -242,7 +293,8 @@ def cmd_gallery(args) -> None:
     from .gallery import write_gallery
 
     fs = features_from_args(args)
-    index = write_gallery(fs, args.queries or None, args.out, args.k, args.images, progress=not args.quiet)
+    index = write_gallery(fs, args.queries or None, args.out, args.k, args.images, progress=not args.quiet,
+                          exclude=exclusion_from_args(args, fs))
     print(f"gallery of {len(args.queries) or len(fs.keys)} queries written; open {index}")
 
 
@@ -255,7 +307,127 @@ def add_gallery_command(sub) -> None:
     p.add_argument("--images", default="local", choices=("local", "cdn"),
                    help="local: thumbnails copied into the folder (works offline); cdn: link the Steam CDN")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_exclusion_options(p)
     p.set_defaults(func=cmd_gallery)
+
+
+def _save_report(report, args) -> None:
+    """Print the summary, then write what was asked for: JSON, CSV, a gallery page, a PNG grid."""
+    print(report.summary())
+    for fmt in ("json", "csv"):
+        if getattr(args, fmt):
+            print(f"{fmt.upper()} written to {getattr(report, f'to_{fmt}')(getattr(args, fmt))}")
+    if args.gallery:
+        from .gallery import write_report
+
+        print(f"gallery page written; open {write_report(report, args.gallery, args.images, progress=not args.quiet)}")
+    if args.out:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        report.show(save=args.out)
+        print(f"grid saved to {args.out}")
+
+
+def cmd_duplicates(args) -> None:
+    from .queries import find_duplicates
+
+    fs = features_from_args(args)
+    dups = find_duplicates(fs, args.threshold, weights=args.weights, device=args.device, progress=not args.quiet)
+    for gi, group in enumerate(dups.groups[:args.list]):
+        print(f"group {gi + 1}" + (" (identical pixels)" if group.exact else "") + ":")
+        for key, score in zip(group.keys, group.scores):
+            print(f"  {score:.3f}  {key:>8}  {fs.name(key)}")
+    _save_report(dups, args)
+
+
+def cmd_unique(args) -> None:
+    from .queries import find_unique
+
+    fs = features_from_args(args)
+    unique = find_unique(fs, args.n, device=args.device)
+    for row in unique.records():
+        print(f"{row['rank']:>4}  {row['score']:.3f}  {row['key']:>8}  {row['name']}  "
+              f"(nearest: {row['neighbour_name'] or row['neighbour']})")
+    _save_report(unique, args)
+
+
+def cmd_issues(args) -> None:
+    from .queries import find_issues
+
+    issues = find_issues(features_from_args(args), progress=not args.quiet)
+    for issue, keys in issues.flagged.items():
+        if keys:
+            shown = ", ".join(f"{issues.features.name(k) or k} ({k})" for k in keys[:args.list])
+            print(f"{issue}: {shown}" + (", ..." if len(keys) > args.list else ""))
+    _save_report(issues, args)
+
+
+def cmd_most_played(args) -> None:
+    from .queries import most_played
+
+    from .steam import load_app_names
+
+    fs = features_from_args(args)
+    names = load_app_names(args.app_list) if args.app_list else None
+    report = most_played(fs, args.appids or args.chart, args.k, args.n, args.host, args.api, args.steamspy,
+                         args.weights, args.device, exclusion_from_args(args, fs), names)
+    for game in report.games:
+        if game.matches:
+            print(f"#{game.rank} {game.name or game.appid} ({game.appid}): "
+                  + ", ".join(f"{fs.name(key) or key} {score:.2f}" for key, score in game.matches[:5]))
+    _save_report(report, args)
+
+
+def add_report_commands(sub) -> None:
+    from .queries import CHARTS, STEAMSPY_API
+    from .steam import STEAM_API
+
+    def outputs(p, listed: bool = True) -> None:
+        add_recipe_options(p)
+        g = p.add_argument_group("output")
+        if listed:
+            g.add_argument("--list", type=_positive, default=20, metavar="N", help="print the first N (default: %(default)s)")
+        g.add_argument("--json", metavar="FILE", help="write the report as JSON")
+        g.add_argument("--csv", metavar="FILE", help="write the report as CSV, one row per banner")
+        g.add_argument("--gallery", metavar="DIR", help="write the report as a page of an HTML gallery folder")
+        g.add_argument("--images", default="local", choices=("local", "cdn"), help="gallery thumbnails (see `gallery`)")
+        g.add_argument("--out", metavar="PNG", help="save the grid as a PNG")
+        g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("duplicates", help="groups of duplicate banners (identical pixels, or cosine >= a threshold)",
+                       description="Exact duplicates share decoded pixels; near duplicates are pairs at cosine >= "
+                                   "--threshold; groups are their connected components.")
+    p.add_argument("--threshold", type=_cosine, metavar="T",
+                   help="cosine threshold (default: the 5th percentile of the similarity edited copies keep to their "
+                        "original, measured once on these features; needs the features' --weights)")
+    outputs(p)
+    p.set_defaults(func=cmd_duplicates)
+
+    p = sub.add_parser("unique", help="banners ranked by their nearest neighbour's similarity, most unique first")
+    p.add_argument("-n", type=_positive, default=24, help="how many to list and draw (default: %(default)s)")
+    outputs(p, listed=False)
+    p.set_defaults(func=cmd_unique)
+
+    p = sub.add_parser("issues", help="dark, light, blurry, low-information, grayscale, odd-size/aspect banners and placeholders")
+    outputs(p)
+    p.set_defaults(func=cmd_issues)
+
+    p = sub.add_parser("most-played", help="the look-alikes of the most-played games (Steam's chart, SteamSpy, or app ids)",
+                       description="Games missing from the collection have their banner fetched from the CDN and "
+                                   "embedded with the same recipe (offline: --weights).")
+    p.add_argument("appids", nargs="*", help="these app ids instead of a chart")
+    p.add_argument("--chart", default="steam", choices=CHARTS,
+                   help="steam: ISteamChartsService/GetMostPlayedGames; steamspy: top100in2weeks (default: %(default)s)")
+    p.add_argument("-n", type=_positive, default=100, help="games from the chart (default: %(default)s)")
+    p.add_argument("-k", type=_positive, default=10, help="look-alikes per game (default: %(default)s)")
+    p.add_argument("--host", default=STEAM_CDN, help="banner CDN for missing games (default: %(default)s)")
+    p.add_argument("--api", default=STEAM_API, help="Steam Web API (default: %(default)s)")
+    p.add_argument("--steamspy", default=STEAMSPY_API, help="SteamSpy API (default: %(default)s)")
+    p.add_argument("--app-list", metavar="FILE", help="{appid: name} JSON naming games the collection lacks")
+    outputs(p, listed=False)
+    add_exclusion_options(p)
+    p.set_defaults(func=cmd_most_played)
 
 
 def cmd_download(args) -> None:
@@ -333,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_download_command(sub)
     add_gallery_command(sub)
     add_evaluate_command(sub)
+    add_report_commands(sub)
     return parser
 
 

@@ -136,3 +136,38 @@ def compare_grid(
         fig.savefig(save, dpi=100)
         plt.close(fig)
     return fig
+
+
+def show_grid(
+    features: FeatureSet,
+    rows: list[tuple[str, list[tuple[str | Image.Image, float | None]]]],
+    ncols: int = 6,
+    save: str | Path | None = None,
+    empty: str = "nothing to show",
+):
+    """Rows of banners, each row labelled (a duplicate group, an issue, a game and its look-alikes): items are
+    stored keys (drawn with name, app id and score) or PIL images (new banners); a row longer than ``ncols``
+    is cut. Returns the figure (saved as a PNG with ``save``)."""
+    import matplotlib.pyplot as plt
+
+    keys = [item for _, items in rows for item, _ in items[:ncols] if isinstance(item, str)]
+    images = banner_images(features, keys)
+    fig = plt.figure(figsize=(1.9 * ncols, 3.7 * max(1, len(rows))), layout="constrained")
+    if not rows:
+        ax = fig.add_subplot()
+        ax.axis("off")
+        ax.text(0, 0.5, empty, fontsize=12, va="center")
+    for sub, (label, items) in zip(fig.subfigures(max(1, len(rows)), 1, squeeze=False)[:, 0], rows):
+        sub.suptitle(label, x=0.01, ha="left", fontsize=9, fontweight="bold")
+        axes = sub.subplots(1, ncols, squeeze=False)[0]
+        for ax in axes:
+            ax.axis("off")
+        for ax, (item, score) in zip(axes, items):
+            if isinstance(item, str):
+                _draw(ax, images.get(item), _title(features.name(item), item, score))
+            else:
+                _draw(ax, item, _title("", None, score))
+    if save is not None:
+        fig.savefig(save, dpi=100)
+        plt.close(fig)
+    return fig

@@ -94,11 +94,12 @@ def _page(title: str, body: str) -> str:
             f"<body>{body}</body></html>\n")
 
 
-def _results(features: FeatureSet, queries, k: int, matches: Matches | None) -> list[QueryResult]:
+def _results(features: FeatureSet, queries, k: int, matches: Matches | None, exclude=None) -> list[QueryResult]:
     if queries is None or queries == "all":
-        matches = matches if matches is not None and matches.k >= k else find_matches(features, k)
+        if exclude is not None or matches is None or matches.k < k:
+            matches = find_matches(features, k, exclude=exclude)
         return [QueryResult(key, features.name(key), None, matches.of(key)[:k]) for key in features.keys]
-    return query(features, queries, k=k, matches=matches)
+    return query(features, queries, k=k, matches=matches, exclude=exclude)
 
 
 def _write_thumbnails(features: FeatureSet, keys: set[str], folder: Path, progress: bool) -> dict[str, str]:
@@ -126,15 +127,17 @@ def write_gallery(
     matches: Matches | None = None,
     host: str = STEAM_CDN,
     progress: bool = True,
+    exclude=None,
 ) -> Path:
     """Write the gallery of ``queries`` (app ids, names, image files; None or "all" = every banner) and return index.html.
 
     ``images="local"`` writes thumbnails into ``out_dir/thumbs`` (the folder works offline);
-    ``images="cdn"`` links the banners on the Steam CDN at ``host``.
+    ``images="cdn"`` links the banners on the Steam CDN at ``host``. ``exclude``: a
+    :class:`~bannermatch.queries.Exclusion` (banners kept out of the matches).
     """
     if images not in IMAGE_MODES:
         raise BannermatchError(f"unknown image mode {images!r}; choose one of: {', '.join(IMAGE_MODES)}")
-    results = _results(features, queries, k, matches)
+    results = _results(features, queries, k, matches, exclude)
     out = Path(out_dir)
     pages = out / "pages"
     pages.mkdir(parents=True, exist_ok=True)
@@ -174,3 +177,45 @@ def write_gallery(
             f'<div class="bm-grid">{"".join(index_items)}</div>')
     index.write_text(_page("Look-alike Steam banners", body), encoding="utf-8")
     return index
+
+
+#: Page title and file of each report of :mod:`bannermatch.queries`.
+_REPORTS = {"Duplicates": ("Duplicate banners", "duplicates.html"),
+            "UniqueBanners": ("The most unique banners", "unique.html"),
+            "Issues": ("Banner issues", "issues.html"),
+            "MostPlayed": ("Look-alikes of the most-played games", "most_played.html")}
+
+
+def write_report(report, out_dir: str | Path = "gallery", images: str = "local", host: str = STEAM_CDN,
+                 progress: bool = True) -> Path:
+    """One page for a report of :mod:`bannermatch.queries` (duplicate groups, unique banners, issues, most played):
+    its summary, then its rows of banners (name, app id, score), in ``out_dir`` beside the gallery's index.
+    Returns the page's path; ``images`` as for :func:`write_gallery`."""
+    if images not in IMAGE_MODES:
+        raise BannermatchError(f"unknown image mode {images!r}; choose one of: {', '.join(IMAGE_MODES)}")
+    try:
+        title, file = _REPORTS[type(report).__name__]
+    except KeyError:
+        raise BannermatchError(f"no gallery page for a {type(report).__name__}") from None
+    features = report.features
+    rows = report.rows()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = {item for _, items in rows for item, _ in items if isinstance(item, str)}
+    if images == "local":
+        thumbs = _write_thumbnails(features, keys, out / "thumbs", progress)
+    else:
+        thumbs = {key: banner_url(key, host) for key in keys if key.isdigit()}
+    sections = []
+    for label, items in rows:
+        figures = "".join(
+            banner_figure(thumbs.get(item), features.name(item), item, score, store_page(item)) if isinstance(item, str)
+            else banner_figure(thumbnail_data_uri(item), "", None, score) for item, score in items)
+        sections.append(f'<h2>{_e(label)}</h2><div class="bm-grid">{figures}</div>')
+    nav = '<p><a href="index.html">gallery</a></p>' if (out / "index.html").exists() else ""
+    summary = "<br>".join(_e(line) for line in report.summary().splitlines())
+    body = (f'{nav}<h1>{_e(title)}</h1><p>{summary}</p>'
+            f'<p class="bm-key">{_e(features.recipe.label)} · {len(features.keys)} banners</p>{"".join(sections)}')
+    page = out / file
+    page.write_text(_page(title, body), encoding="utf-8")
+    return page

@@ -6,6 +6,7 @@ A saved result is reused only for the very same features (the view, and each ban
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ class Matches:
     scores: np.ndarray  # float32 [N, k], cosine similarity
     precision: str = "float32"
     backend: str = "torch"
+    excluded: str = ""  # what was kept out of the lists (queries.Exclusion), "" for plain matches
 
     @property
     def k(self) -> int:
@@ -40,9 +42,13 @@ class Matches:
 
     @property
     def path(self) -> Path:
-        """Where these matches are kept: one file per collection (a sample has its own), strategy and setting."""
+        """Where these matches are kept: one file per collection (a sample has its own), strategy, search setting
+        and exclusion, if any (never over the plain matches that find_matches reuses)."""
         fs = self.features
-        return fs.path / "matches" / f"{fs.recipe.view}.{self.precision}.{self.backend}.{fs.content_id}.npz"
+        name = f"{fs.recipe.view}.{self.precision}.{self.backend}.{fs.content_id}"
+        if self.excluded:
+            name += ".x" + hashlib.sha256(self.excluded.encode()).hexdigest()[:8]
+        return fs.path / "matches" / f"{name}.npz"
 
     def of(self, key: str) -> list[tuple[str, float]]:
         i = self.features.index_of(key)
@@ -52,7 +58,8 @@ class Matches:
         path = self.path
         path.parent.mkdir(exist_ok=True)
         atomic_write(path, lambda fh: np.savez(fh, neighbours=self.neighbours, scores=self.scores))
-        meta = {"k": self.k, "features": self.features.content_id, "sha256": file_digest(path)}
+        meta = {"k": self.k, "features": self.features.content_id, "sha256": file_digest(path),
+                **({"excluded": self.excluded} if self.excluded else {})}
         atomic_write(path.with_suffix(".json"), lambda fh: fh.write(json.dumps(meta).encode()))
         return path
 
@@ -92,15 +99,20 @@ def find_matches(
     precision: str = "auto",
     backend: str = "torch",
     save: bool = True,
+    exclude=None,
 ) -> Matches:
-    """Top-k neighbours of every banner (itself excluded), reused from disk when already computed."""
+    """Top-k neighbours of every banner (itself excluded), reused from disk when already computed.
+
+    ``exclude``: a :class:`~bannermatch.queries.Exclusion` (a banner's own duplicates, banners with issues):
+    those are replaced by the next allowed neighbours; only the plain matches are saved.
+    """
     if backend not in BACKENDS:
         raise BannermatchError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     if precision not in ("auto", *PRECISIONS):
         raise BannermatchError(f"unknown precision {precision!r}; choose one of: auto, {', '.join(PRECISIONS)}")
     precision = "float32" if backend == "faiss" else resolve_precision(precision, device)
     if save and (cached := _load(features, k, precision, backend)) is not None:
-        return cached
+        return cached if exclude is None else exclude.apply(cached, device)
     n = len(features.keys)
     if k > n - 1:
         raise BannermatchError(f"k={k} is larger than the {n - 1} other banners there are to match")
@@ -111,4 +123,4 @@ def find_matches(
     matches = Matches(features, idx, scores, precision, backend)
     if save:
         matches.save()
-    return matches
+    return matches if exclude is None else exclude.apply(matches, device)

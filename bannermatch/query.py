@@ -95,10 +95,13 @@ def query(
     backbone=None,
     weights: str | Path | None = None,
     device: str | None = None,
+    exclude=None,
 ) -> list[QueryResult]:
     """Top-k matches for app ids, game names, image files, URLs or PIL images (one or a list).
 
     New images are embedded with the feature set's own recipe, so query and collection always agree.
+    ``exclude``: a :class:`~bannermatch.queries.Exclusion`, banners kept out of the results (a stored query's own
+    duplicates, banners with issues).
     """
     if isinstance(queries, (str, int)) or not isinstance(queries, (list, tuple)):
         queries = [queries]
@@ -110,7 +113,9 @@ def query(
     if keys_at:
         keys = [resolve_key(features, str(queries[i]), names) for i in keys_at]
         rows = np.array([features.index_of(key) for key in keys])
-        if matches is not None and matches.k >= k:
+        if exclude is not None:
+            idx, scores = exclude.top_k(features.features[rows], k, rows, device)
+        elif matches is not None and matches.k >= k:
             idx, scores = matches.neighbours[rows, :k], matches.scores[rows, :k]
         else:
             idx, scores = top_k(features.features[rows], features.features, k, rows, device)
@@ -123,7 +128,10 @@ def query(
         if getattr(backbone, "spec", None) is None or backbone.spec.name != features.recipe.model:
             raise BannermatchError(f"queries must be embedded with {features.recipe.model}, the feature set's model")
         feats = embed_images(imgs, features.recipe, backbone, dtype=resolve_dtype("auto", resolve_device(device)))
-        idx, scores = top_k(feats, features.features, k, None, device)
+        if exclude is not None:
+            idx, scores = exclude.top_k(feats, k, None, device)
+        else:
+            idx, scores = top_k(feats, features.features, k, None, device)
         for i, img, ix, sc in zip(images_at, imgs, idx, scores):
             label = queries[i] if isinstance(queries[i], str) else "query image"
             results[i] = QueryResult(None, str(label), img, [(features.keys[j], float(s)) for j, s in zip(ix, sc)])

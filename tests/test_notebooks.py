@@ -49,7 +49,8 @@ def test_notebooks_are_stored_clean(name):
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
     assert all(cell.outputs == [] and cell.execution_count is None for cell in code)
     assert sum("parameters" in cell.metadata.get("tags", []) for cell in code) == 1
-    assert max(len(cell.source.splitlines()) for cell in code) <= 20  # library calls, no logic
+    steps = [cell for cell in code if "parameters" not in cell.metadata.get("tags", [])]  # settings, one a line
+    assert max(len(cell.source.splitlines()) for cell in steps) <= 20  # library calls, no logic
 
 
 def test_badges_and_install_default_are_the_project_url():
@@ -70,12 +71,13 @@ def test_badges_and_install_default_are_the_project_url():
 
 def test_dino_notebook(banner_dir, tiny_weights, tmp_path):
     store = tmp_path / "data" / "features"
-    nb = run_notebook("match_steam_banners_with_DINO.ipynb", {
-        "MODEL": "dino_vits16", "STRATEGY": "simple", "K": 4, "IMAGES": str(banner_dir), "APP_LIST": str(SHARED_APPS),
-        "STORE": str(store), "QUERIES": QUERIES, "WEIGHTS": str(tiny_weights), "ARCH": TINY_ARCH, "DEVICE": "cpu",
-        "COMPARE_MODELS": ["dino_vits16", "dino_vitb16"],  # the tiny checkpoint fits every patch-16 DINO
-        "EVAL_QUERIES": 4,
-    }, tmp_path)
+    with banner_cdn(["999001"]) as cdn:  # a most-played game the collection lacks
+        nb = run_notebook("match_steam_banners_with_DINO.ipynb", {
+            "MODEL": "dino_vits16", "STRATEGY": "simple", "K": 4, "IMAGES": str(banner_dir), "APP_LIST": str(SHARED_APPS),
+            "STORE": str(store), "QUERIES": QUERIES, "WEIGHTS": str(tiny_weights), "ARCH": TINY_ARCH, "DEVICE": "cpu",
+            "COMPARE_MODELS": ["dino_vits16", "dino_vitb16"],  # the tiny checkpoint fits every patch-16 DINO
+            "EVAL_QUERIES": 4, "MOST_PLAYED": ["227300", "999001"], "CDN": cdn.url,
+        }, tmp_path)
     assert pngs(outputs_of(nb, "show_matches(")) == len(QUERIES)
     assert pngs(outputs_of(nb, "compare_grid(")) == 1
     assert pngs(outputs_of(nb, "comparison.plot()")) == 1
@@ -89,6 +91,14 @@ def test_dino_notebook(banner_dir, tiny_weights, tmp_path):
     # one forward pass per model serves both strategies, the main one among them
     assert len(list(store.glob("*/manifest.json"))) == 2
     assert len(list((store.parent / "gallery" / "pages").glob("*.html"))) == len(QUERIES)
+    # the four collection reports: a summary, a grid and a gallery page each
+    for call, summary, page in [("duplicates.show(", "duplicate groups", "duplicates"),
+                                ("unique.show(", "most unique of 20 banners", "unique"),
+                                ("issues.show(", "of 20 banners have issues", "issues"),
+                                ("report.show(", "1 in the collection, 1 fetched from the CDN", "most_played")]:
+        outputs = outputs_of(nb, call)
+        assert summary in "".join(out.get("text", "") for out in outputs) and pngs(outputs) == 1
+        assert (store.parent / "gallery" / f"{page}.html").is_file()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,335 @@
+"""Duplicate groups, unique banners, banner issues and the most-played report, each checked against a brute-force
+computation written here, on synthetic banners with planted copies, look-alikes and issues."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
+
+from bannermatch import extract_features, find_matches, make_recipe, query
+from bannermatch.cli import main
+from bannermatch.evaluate import transformed_copy
+from bannermatch.extraction import embed_images, load_backbone
+from bannermatch.gallery import write_report
+from bannermatch.queries import (DUPLICATE_EDITS, ISSUES, duplicate_threshold, exclusion, find_duplicates,
+                                 find_issues, find_unique, most_played)
+from conftest import APPS, TINY_ARCH, StaticServer, draw_banner
+
+DISTINCT = list(APPS)[:12]  # drawn from seeds 0-11
+PIXEL_COPY = "900001"  # DISTINCT[0]'s decoded pixels saved again as PNG: an exact duplicate
+BYTE_COPY = "900002"  # DISTINCT[1]'s file copied: the same bytes
+REENCODED = "900003"  # DISTINCT[2] re-encoded as JPEG quality 70: near, not exact
+LOOKALIKE = "900004"  # DISTINCT[3] with a small badge drawn on it
+PLACEHOLDERS = [str(910000 + i) for i in range(5)]  # one flat picture under five app ids
+ISSUE_KEYS = {"dark": "920001", "light": "920002", "blurry": "920003", "low_information": "920004",
+              "grayscale": "920005", "odd_size": "920006", "odd_aspect": "920007"}
+
+
+def _jpeg(img: Image.Image, quality: int = 95) -> bytes:
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def _issue_images() -> dict[str, Image.Image]:
+    """One banner made to have each issue, each from its own seed (none is a copy of another banner)."""
+    base = {issue: draw_banner(50 + i) for i, issue in enumerate(ISSUE_KEYS)}
+    flat = Image.new("RGB", (300, 450), (90, 60, 40))
+    ImageDraw.Draw(flat).text((110, 200), "DEMO", fill=(230, 230, 230))
+    return {"dark": ImageEnhance.Brightness(base["dark"]).enhance(0.15),
+            "light": Image.blend(base["light"], Image.new("RGB", (300, 450), "white"), 0.85),
+            "blurry": base["blurry"].filter(ImageFilter.GaussianBlur(4)),
+            "low_information": flat,
+            "grayscale": ImageOps.grayscale(base["grayscale"]).convert("RGB"),
+            "odd_size": draw_banner(56, size=(120, 180)),
+            "odd_aspect": draw_banner(57, size=(300, 300))}
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, tiny_weights):
+    root = tmp_path_factory.mktemp("planted")
+    images = root / "banners"
+    images.mkdir()
+    for i, appid in enumerate(DISTINCT):
+        (images / f"{appid}.jpg").write_bytes(_jpeg(draw_banner(i)))
+    with Image.open(images / f"{DISTINCT[0]}.jpg") as img:
+        img.convert("RGB").save(images / f"{PIXEL_COPY}.png")
+    shutil.copy(images / f"{DISTINCT[1]}.jpg", images / f"{BYTE_COPY}.jpg")
+    with Image.open(images / f"{DISTINCT[2]}.jpg") as img:
+        (images / f"{REENCODED}.jpg").write_bytes(_jpeg(img.convert("RGB"), 70))
+    badge = draw_banner(3)
+    ImageDraw.Draw(badge).ellipse([230, 380, 280, 430], fill=(250, 220, 0))
+    (images / f"{LOOKALIKE}.jpg").write_bytes(_jpeg(badge))
+    placeholder = Image.new("RGB", (300, 450), (70, 100, 140))
+    ImageDraw.Draw(placeholder).text((120, 215), "STEAM", fill=(200, 200, 200))
+    for appid in PLACEHOLDERS:
+        placeholder.save(images / f"{appid}.png")
+    for issue, img in _issue_images().items():
+        (images / f"{ISSUE_KEYS[issue]}.jpg").write_bytes(_jpeg(img))
+    (images / "apps.json").write_text(json.dumps({a: APPS[a] for a in DISTINCT}))
+    recipe = make_recipe("dino_vits16", weights=tiny_weights, arch=TINY_ARCH)
+    return extract_features(images, recipe, root / "store", weights=tiny_weights, device="cpu", progress=False)
+
+
+# ------------------------------------------------------------------------------------------ brute force
+
+def _file_of(fs, key: str) -> Path:
+    return next(Path(fs.images).glob(f"{key}.*"))
+
+
+def _pixels(fs) -> list[bytes]:
+    out = []
+    for key in fs.keys:
+        with Image.open(_file_of(fs, key)) as img:
+            rgb = img.convert("RGB")
+            out.append(hashlib.sha256(repr(rgb.size).encode() + rgb.tobytes()).digest())
+    return out
+
+
+def _brute_groups(fs, threshold: float) -> set[frozenset[str]]:
+    """Components of "same pixels or cosine >= threshold", by breadth-first search over the full matrix."""
+    sims = fs.features @ fs.features.T
+    pixels = _pixels(fs)
+    n = len(fs.keys)
+    linked = [[j for j in range(n) if j != i and (sims[i, j] >= threshold or pixels[i] == pixels[j])] for i in range(n)]
+    seen, groups = set(), set()
+    for start in range(n):
+        if start in seen:
+            continue
+        component, todo = {start}, [start]
+        while todo:
+            for j in linked[todo.pop()]:
+                if j not in component:
+                    component.add(j)
+                    todo.append(j)
+        seen |= component
+        if len(component) > 1:
+            groups.add(frozenset(fs.keys[i] for i in component))
+    return groups
+
+
+def _margin(fs, threshold: float) -> float:
+    sims = fs.features @ fs.features.T
+    off = sims[~np.eye(len(sims), dtype=bool)]
+    return float(np.abs(off - threshold).min())
+
+
+# ------------------------------------------------------------------------------------------ duplicates
+
+@pytest.mark.parametrize("threshold", [0.995, 0.95])
+def test_duplicate_groups_are_the_brute_force_components(planted, threshold):
+    fs = planted
+    assert _margin(fs, threshold) > 1e-5  # no pair sits on the threshold, where float order could decide
+    expected = _brute_groups(fs, threshold)
+    dups = find_duplicates(fs, threshold, progress=False)
+    assert {frozenset(g.keys) for g in dups.groups} == expected
+    # with neighbour lists too short for the placeholder's five copies, whole rows are searched instead
+    few = find_matches(fs, 2, save=False)
+    assert {frozenset(g.keys) for g in find_duplicates(fs, threshold, matches=few, progress=False).groups} == expected
+    sims = fs.features @ fs.features.T
+    for g in dups.groups:
+        rows = [fs.index_of(k) for k in g.keys]
+        block = sims[np.ix_(rows, rows)] - 3 * np.eye(len(rows))
+        pixels = dict(zip(g.keys, g.pixels))
+        for key, score, best in zip(g.keys, g.scores, block.max(1)):
+            twin = list(pixels.values()).count(pixels[key]) > 1
+            assert score == pytest.approx(1.0 if twin else best, abs=1e-5)
+    assert [len(g.keys) for g in dups.groups] == sorted((len(g.keys) for g in dups.groups), reverse=True)
+
+
+def test_exact_copies_are_decoded_pixels_not_bytes(planted):
+    fs = planted
+    dups = find_duplicates(fs, 0.995, progress=False)
+    group = {k: g for g in dups.groups for k in g.keys}
+    pixel_of = {k: p for g in dups.groups for k, p in zip(g.keys, g.pixels)}
+    assert pixel_of[PIXEL_COPY] == pixel_of[DISTINCT[0]]  # same pixels, other bytes (PNG of a JPEG)
+    assert pixel_of[BYTE_COPY] == pixel_of[DISTINCT[1]]
+    assert group[REENCODED] is group[DISTINCT[2]] and pixel_of[REENCODED] != pixel_of[DISTINCT[2]]
+    assert group[PLACEHOLDERS[0]].exact and set(group[PLACEHOLDERS[0]].keys) == set(PLACEHOLDERS)
+    assert not group[REENCODED].exact
+    records = dups.records()
+    assert {r["key"] for r in records} == set(group) and all(r["name"] == APPS.get(r["key"], "") for r in records)
+
+
+def test_default_threshold_is_a_low_percentile_of_copy_similarity(planted, tiny_weights, monkeypatch):
+    fs = planted
+    threshold = duplicate_threshold(fs, tiny_weights, "cpu", progress=False)
+    # every banner is sampled (200 > 31): embed each one's mild edits here and take the 5th percentile
+    originals = {key: Image.open(_file_of(fs, key)).convert("RGB") for key in fs.keys}
+    backbone = load_backbone(fs.recipe, tiny_weights, "cpu")
+    copies = [transformed_copy(originals[key], edit, 0, key) for key in sorted(fs.keys) for edit in DUPLICATE_EDITS]
+    feats = embed_images(copies, fs.recipe, backbone)
+    rows = [fs.index_of(key) for key in sorted(fs.keys) for _ in DUPLICATE_EDITS]
+    assert threshold == pytest.approx(np.percentile(np.sum(feats * fs.features[rows], 1), 5), abs=1e-4)
+    import bannermatch.evaluate
+
+    monkeypatch.setattr(bannermatch.evaluate, "_copy_features", lambda *a, **k: pytest.fail("embedded again"))
+    assert duplicate_threshold(fs, progress=False, n_queries=len(fs.keys)) == threshold
+    assert find_duplicates(fs, None, progress=False).threshold == threshold
+
+
+def test_dedupe_leaves_a_querys_own_duplicates_out(planted):
+    fs = planted
+    dups = find_duplicates(fs, 0.995, progress=False)
+    own = set(dups.group_of(DISTINCT[2]).keys)
+    ex = exclusion(fs, dups)
+    plain = query(fs, DISTINCT[2], k=5)[0].matches
+    assert plain[0][0] in own  # without it, its re-encoded copy comes first
+    kept = query(fs, DISTINCT[2], k=5, exclude=ex)[0].matches
+    sims = fs.features @ fs.features[fs.index_of(DISTINCT[2])]
+    allowed = np.sort([s for key, s in zip(fs.keys, sims) if key not in own])[::-1][:5]
+    assert [s for _, s in kept] == pytest.approx(allowed, abs=1e-5)  # the best five of the others
+    assert all(sims[fs.index_of(key)] == pytest.approx(s, abs=1e-5) and key not in own for key, s in kept)
+    matches = find_matches(fs, 5, exclude=ex)
+    assert [s for _, s in matches.of(DISTINCT[2])] == pytest.approx(allowed, abs=1e-5) and matches.excluded
+    for key in fs.keys:  # every list: no member of the banner's own group
+        group = dups.group_of(key)
+        assert not {m for m, _ in matches.of(key)} & (set(group.keys) if group else set())
+    assert matches.save() != find_matches(fs, 5).path  # the plain matches stay as they are
+    # banned keys never show up, for stored and new queries alike
+    banned = exclusion(fs, banned=PLACEHOLDERS)
+    assert not {m for r in query(fs, [DISTINCT[4], fs.keys[0]], k=20, exclude=banned) for m, _ in r.matches} & set(PLACEHOLDERS)
+
+
+def test_duplicates_command_writes_json_csv_and_a_gallery_page(planted, tiny_weights, tmp_path, capsys):
+    recipe = ["--model", "dino_vits16", "--weights", str(tiny_weights), "--device", "cpu", "--quiet",
+              "--arch", ",".join(f"{k}={v}" for k, v in TINY_ARCH.items()), "--store", str(planted.path.parent)]
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["duplicates", "--threshold", "0.995", *recipe, "--json", str(out / "d.json"), "--csv",
+                 str(out / "d.csv"), "--gallery", str(out / "g"), "--out", str(out / "d.png")]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((out / "d.json").read_text())
+    expected = _brute_groups(planted, 0.995)
+    assert {frozenset(m["key"] for m in g["members"]) for g in data["groups"]} == expected
+    assert f"{len(expected)} duplicate groups" in printed
+    page = (out / "g" / "duplicates.html").read_text()
+    assert all(f'<span class="bm-key">{key}</span>' in page for g in expected for key in g)
+    assert APPS[DISTINCT[2]] in page and len(list((out / "g" / "thumbs").glob("*.jpg"))) == sum(map(len, expected))
+    assert (out / "d.csv").read_text().count("\n") == 1 + sum(map(len, expected))
+    assert Image.open(out / "d.png").size[0] > 500
+    with pytest.raises(SystemExit) as exit_:
+        main(["duplicates", "--threshold", "2", *recipe])
+    assert exit_.value.code == 2 and "between -1 and 1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ unique
+
+def test_unique_ranking_is_the_brute_force_nearest_neighbour_order(planted):
+    fs = planted
+    sims = fs.features @ fs.features.T
+    np.fill_diagonal(sims, -np.inf)
+    nearest = sims.max(1)
+    unique = find_unique(fs, n=5)
+    assert unique.scores == pytest.approx(np.sort(nearest), abs=1e-5)
+    for key, neighbour, score in zip(unique.keys, unique.neighbours, unique.scores):
+        i = fs.index_of(key)
+        assert score == pytest.approx(nearest[i], abs=1e-5)
+        assert sims[i, fs.index_of(neighbour)] == pytest.approx(nearest[i], abs=1e-5)
+    chosen = [fs.index_of(k) for k in unique.keys[:5]]
+    assert nearest[chosen].max() == pytest.approx(unique.threshold, abs=1e-5)
+    assert np.delete(nearest, chosen).min() >= unique.threshold - 1e-5
+    assert {r["key"] for r in unique.records()} == {fs.keys[i] for i in chosen}
+    assert not set(unique.keys[:5]) & set(PLACEHOLDERS)  # exact copies are the least unique
+
+
+# ------------------------------------------------------------------------------------------ issues
+
+@pytest.fixture(scope="module")
+def issues(planted):
+    return find_issues(planted, progress=False)
+
+
+@pytest.mark.parametrize("issue", ISSUES)
+def test_each_detector_flags_the_banner_made_to_have_it_and_no_other(issues, issue):
+    expected = set(PLACEHOLDERS) if issue == "placeholder" else {ISSUE_KEYS[issue]}
+    if issue == "low_information":
+        expected |= set(PLACEHOLDERS)  # a flat picture with one word is both
+    assert set(issues.flagged[issue]) == expected
+    assert issues.counts()[issue] == len(expected)
+
+
+def test_measures_are_cached_by_banner_content(planted, issues, monkeypatch, tmp_path):
+    import bannermatch.queries
+
+    cache = json.loads((planted.path / "image_stats.json").read_text())
+    assert set(cache["measures"]) == set(planted.digests)
+    monkeypatch.setattr(bannermatch.queries, "iter_banners", lambda *a, **k: pytest.fail("banners read again"))
+    again = find_issues(planted, progress=False)
+    assert again.flagged == issues.flagged
+    assert issues.keys_with("dark", "placeholder") == {ISSUE_KEYS["dark"], *PLACEHOLDERS}
+    issues.to_json(tmp_path / "i.json")
+    assert json.loads((tmp_path / "i.json").read_text())["counts"] == issues.counts()
+    page = write_report(issues, tmp_path / "g", progress=False)
+    assert all(f'<span class="bm-key">{key}</span>' in page.read_text() for key in issues.keys_with())
+
+
+# ------------------------------------------------------------------------------------------ most played
+
+MISSING = "999001"  # not in the collection; its banner is on the CDN (a re-encoded copy of DISTINCT[5])
+NO_BANNER = "999002"  # not in the collection, and 404 on the CDN
+
+
+def test_most_played_against_a_fake_steam_api_and_cdn(planted, tiny_weights, tmp_path, capsys):
+    fs = planted
+    with Image.open(_file_of(fs, DISTINCT[5])) as img:
+        missing_banner = _jpeg(img.convert("RGB"), 80)
+    ranks = [{"rank": 2, "appid": int(MISSING), "last_week_rank": 3, "peak_in_game": 100},
+             {"rank": 1, "appid": int(DISTINCT[4]), "last_week_rank": 1, "peak_in_game": 900},
+             {"rank": 3, "appid": int(NO_BANNER), "last_week_rank": 2, "peak_in_game": 50}]
+    files = {"/ISteamChartsService/GetMostPlayedGames/v1/": json.dumps({"response": {"ranks": ranks}}).encode(),
+             f"/steam/apps/{MISSING}/library_600x900.jpg": missing_banner}
+    with StaticServer(files) as steam:
+        report = most_played(fs, "steam", k=4, host=steam.url, api=steam.url, weights=tiny_weights, device="cpu",
+                             names={MISSING: "Missing Game", NO_BANNER: "Bannerless"})
+        recipe = ["--model", "dino_vits16", "--weights", str(tiny_weights), "--device", "cpu", "--quiet",
+                  "--arch", ",".join(f"{k}={v}" for k, v in TINY_ARCH.items()), "--store", str(fs.path.parent)]
+        assert main(["most-played", "--api", steam.url, "--host", steam.url, "-k", "4", *recipe,
+                     "--json", str(tmp_path / "mp.json"), "--gallery", str(tmp_path / "g")]) == 0
+    assert [(g.rank, g.appid) for g in report.games] == [(1, DISTINCT[4]), (2, MISSING), (3, NO_BANNER)]
+    assert [g.status for g in report.games][:2] == ["in collection", "fetched"]
+    assert report.games[2].status.startswith("unavailable") and "404" not in report.games[2].status
+    assert report.games[0].matches == query(fs, DISTINCT[4], k=4)[0].matches
+    # the fetched banner, embedded here by hand: the same top-4, its original first
+    backbone = load_backbone(fs.recipe, tiny_weights, "cpu")
+    feats = embed_images([Image.open(io.BytesIO(missing_banner)).convert("RGB")], fs.recipe, backbone)[0]
+    sims = fs.features @ feats
+    top = np.argsort(-sims)[:4]
+    assert [k for k, _ in report.games[1].matches] == [fs.keys[i] for i in top] and top[0] == fs.index_of(DISTINCT[5])
+    assert [s for _, s in report.games[1].matches] == pytest.approx(sims[top], abs=1e-4)
+    assert "fetched: Missing Game (999001)" in report.summary() and "Bannerless (999002)" in report.summary()
+    data = json.loads((tmp_path / "mp.json").read_text())
+    assert data["fetched"] == [MISSING] and data["unavailable"] == [NO_BANNER]
+    assert [m["key"] for m in data["games"][1]["matches"]] == [k for k, _ in report.games[1].matches]
+    page = (tmp_path / "g" / "most_played.html").read_text()
+    assert "fetched from the CDN" in page and "data:image/jpeg;base64," in page
+    assert "in the collection, 1 fetched from the CDN, 1 unavailable" in capsys.readouterr().out
+
+
+def test_most_played_from_steamspy_and_given_app_ids(planted, tiny_weights):
+    top = {DISTINCT[6]: {"appid": int(DISTINCT[6]), "name": "Six", "ccu": 10},
+           DISTINCT[7]: {"appid": int(DISTINCT[7]), "name": "Seven", "ccu": 5}}
+    with StaticServer({"/api.php?request=top100in2weeks": json.dumps(top).encode()}) as spy:
+        report = most_played(planted, "steamspy", k=3, n=1, steamspy=f"{spy.url}/api.php")
+    assert [(g.appid, g.name) for g in report.games] == [(DISTINCT[6], APPS[DISTINCT[6]])]
+    given = most_played(planted, [DISTINCT[8], DISTINCT[9]], k=2)
+    assert [g.appid for g in given.games] == [DISTINCT[8], DISTINCT[9]] and not given.fetched
+
+
+def test_report_pages_escape_names(planted, tmp_path):
+    from dataclasses import replace
+
+    evil = '<script>window.__pwned=1</script> "q" & \'s\''
+    fs = replace(planted, names={**planted.names, DISTINCT[2]: evil})
+    report = most_played(fs, [DISTINCT[2]], k=2)
+    for page in (write_report(find_duplicates(fs, 0.995, progress=False), tmp_path, images="cdn"),
+                 write_report(report, tmp_path, images="cdn")):
+        html = page.read_text()
+        assert "<script" not in html and "&lt;script&gt;window.__pwned=1&lt;/script&gt;" in html
