@@ -289,8 +289,9 @@ def _create_timm(spec, weights, arch) -> Backbone:
         registers = getattr(model, "reg_token", None) is not None
         # DINOv2 with registers resizes to the grid with antialiasing; DINO and DINOv2 by a scale factor with their
         # historical 0.1 offset, without (dinov2/hub/backbones.py, dino/vision_transformer.py)
-        model._pos_embed = types.MethodType(functools.partial(
-            _meta_pos_embed, offset=0.0 if registers else 0.1, antialias=registers), model)
+        # a named wrapper, not a bare partial: torch.compile (dynamo) needs the method's __name__
+        model._pos_embed = types.MethodType(functools.update_wrapper(functools.partial(
+            _meta_pos_embed, offset=0.0 if registers else 0.1, antialias=registers), _meta_pos_embed), model)
     backbone = TimmBackbone(spec, model, model.embed_dim, len(model.blocks), model.num_prefix_tokens,
                             getattr(model, "fc_norm", None))
     backbone.dynamic_size = spec.family != "beit"
