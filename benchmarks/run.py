@@ -472,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each embedding pipeline (default 2)")
     p.add_argument("--decode-images", type=int, default=120,
                    help="JPEGs per source size for the decode ceiling (cut from real photos; default 120)")
+    p.add_argument("--cpu-images", type=int, default=60,
+                   help="images each CPU option embeds per repeat for its speed (default 60)")
+    p.add_argument("--calibration-images", type=int, default=30,
+                   help="images calibrating static int8 (other than the evaluated ones; default 30)")
     p.add_argument("--search-n", type=int, default=30_000, help="database size for the search benchmark (30000)")
     p.add_argument("--dims", type=_csv(int), default=[768, 1536], help="feature dimensions to search (768,1536)")
     p.add_argument("--search-methods", type=lambda s: s.split(","), default=list(SEARCH_METHODS),
@@ -488,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--skip-search", action="store_true")
     p.add_argument("--skip-names", action="store_true")
-    p.add_argument("--only", choices=PARTS, help="run this part alone")
+    p.add_argument("--only", choices=PARTS, help="run this part alone (cpu-options runs only so: it needs the "
+                   "real-weights test dependencies, onnxruntime, openvino and nncf)")
     p.add_argument("--search-worker", nargs=4, metavar=("METHOD", "FEATURES", "K", "OUT"), help=argparse.SUPPRESS)
     return p
 
@@ -517,6 +522,10 @@ def main(argv=None) -> int:
             print_embedding(bench_embedding(args, Path(tmp)))
         if not skip["decode"]:
             print_decode(bench_decode(args, Path(tmp)))
+        if not skip["cpu-options"]:
+            from benchmarks.cpu_options import bench_cpu_options, print_cpu_options
+
+            print_cpu_options(bench_cpu_options(args, Path(tmp)))
         if not skip["search"]:
             print_search(bench_search(args, Path(tmp)), args.search_n, args.k)
         if not skip["names"]:
