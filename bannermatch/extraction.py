@@ -56,6 +56,18 @@ def build_transform(recipe: Recipe):
     return T.Compose([T.PILToTensor(), *resize, T.ToDtype(torch.float32, scale=True), T.Normalize(spec.mean, spec.std)])
 
 
+def decode_size(recipe: Recipe) -> tuple[int, int]:
+    """(height, width) that :func:`build_transform` needs before it resizes: the ``min_size`` hint of
+    :func:`~bannermatch.sources.decode_image`, so large JPEGs are decoded straight at a smaller scale."""
+    height, width = recipe.input_size()
+    if recipe.preprocess == "crop":  # the short side is resized to width/0.875, then cropped
+        side = int(width / 0.875)
+        return side, side
+    if recipe.preprocess == "keep":  # the short side is resized to the width, then cropped to the height
+        return width, width
+    return height, width
+
+
 def _padded_by_keep(img: Image.Image, recipe: Recipe) -> bool:
     return recipe.preprocess == "keep" and img.height / img.width < _KEEP_MIN_ASPECT
 
@@ -200,6 +212,7 @@ class _Decoded(IterableDataset):
     def __init__(self, source: ImageSource, todo: list[int], stored: set[str], recipe: Recipe):
         self.source, self.todo, self.stored, self.recipe = source, todo, stored, recipe
         self.transform = build_transform(recipe)
+        self.min_size = decode_size(recipe)
 
     def __iter__(self):
         info = get_worker_info()
@@ -216,7 +229,7 @@ class _Decoded(IterableDataset):
                 continue
             seen.add(digest)
             try:
-                img = decode_image(data)
+                img = decode_image(data, self.min_size)
                 reason = "padded" if _padded_by_keep(img, self.recipe) else ""
                 yield i, digest, self.transform(img), reason
             except SkipImage as exc:

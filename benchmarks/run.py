@@ -30,7 +30,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"vits16": "dino_vits16", "vitb16": "dino_vitb16", "vits8": "dino_vits8"}
 SEARCH_METHODS = ("ours fp32", "ours bf16", "faiss IndexFlatIP", "full N x N matrix")
-PARTS = ("embedding", "search", "names")
+PARTS = ("embedding", "decode", "cpu-options", "search", "names")
+OPT_IN_PARTS = ("cpu-options",)  # needs the real-weights test dependencies and OpenVINO/NNCF: only with --only
+DECODE_SETS = {  # (width, height): what each image source delivers
+    "300x450 JPEG (Steam CDN banner)": (300, 450),
+    "600x900 JPEG (CDN original)": (600, 900),
+    "224x336 JPEG (snapshot)": (224, 336),
+}
 
 
 def _test_fixtures():
@@ -161,13 +167,7 @@ def bench_embedding(args, tmp: Path) -> list[dict]:
             print(f"  [{short}] torch.compile: the first batch took {time.perf_counter() - start:.1f} s", file=sys.stderr)
             runs[f"model only ({dtype}, batch {batch}, {attention} attention, compiled)"] = (
                 len(images), lambda: model_only(compiled, recipe, batch, len(images)))
-        rates = {name: [] for name in runs}
-        for rep in range(args.repeats):  # interleaved: every pipeline sees the same share of the machine's load
-            for name, (n, fn) in runs.items():
-                start = time.perf_counter()
-                fn()
-                rates[name].append(n / (time.perf_counter() - start))
-                print(f"  [{short} repeat {rep + 1}/{args.repeats}] {name}: {rates[name][-1]:.1f} img/s", file=sys.stderr)
+        rates = _interleaved(runs, args.repeats, short)
         for name, r in rates.items():
             rows.append({"model": model, "pipeline": name, "best": max(r), "median": statistics.median(r)})
     return rows
@@ -194,6 +194,124 @@ def print_embedding(rows: list[dict]) -> None:
             end_to_end = not r["pipeline"].startswith("model only")
             print(f"| {model} | {r['pipeline']} | {r['best']:.1f} | {r['median']:.1f} | {r['best'] / original:.2f}x | "
                   + (f"{r['best'] / ceiling:.0%} |" if end_to_end else "— |"))
+
+
+# ------------------------------------------------------------------------------------------ decode ceiling
+
+def _tests_module(name: str):
+    """A helper module of the test suite (real photos, the ONNX DINOv2 conversion), imported from tests/."""
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    return importlib.import_module(name)
+
+
+def photo_jpegs(size: tuple[int, int], n: int) -> list[bytes]:
+    """``n`` JPEGs (quality 90) of ``size`` cut from real photographs (their entropy, unlike flat drawings, is
+    what decoding costs): each photo at several crops and mirrored."""
+    import io
+
+    from PIL import ImageOps
+
+    photos = _tests_module("real_photos").photos(longest=1024)
+    out = []
+    for i in range(n):
+        img = ImageOps.fit(photos[i % len(photos)], size, centering=((i // len(photos)) % 5 / 4, 0.5))
+        if (i // (5 * len(photos))) % 2:
+            img = ImageOps.mirror(img)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+class _DecodeDataset(torch.utils.data.Dataset):
+    """Exactly extraction's per-image work: decode_image (with or without the size hint), then build_transform."""
+
+    def __init__(self, blobs: list[bytes], recipe, hint: bool):
+        from bannermatch.extraction import build_transform, decode_size
+
+        self.blobs, self.transform = blobs, build_transform(recipe)
+        self.min_size = decode_size(recipe) if hint else None
+
+    def __len__(self):
+        return len(self.blobs)
+
+    def __getitem__(self, i):
+        from bannermatch.sources import decode_image
+
+        return self.transform(decode_image(self.blobs[i], self.min_size))
+
+
+def decoder(dataset: _DecodeDataset, workers: int, batch_size: int):
+    """A function that decodes every image once: in the main process (as extract_features with workers=0), or
+    through a DataLoader whose workers are started here, not inside the timing (a real run starts them once
+    for thousands of images)."""
+    if not workers:
+        return lambda: [dataset[i] for i in range(len(dataset))] and None
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=torch.stack,
+                                         prefetch_factor=4, persistent_workers=True)
+    next(iter(loader))
+    return lambda: [None for _ in loader] and None
+
+
+def bench_decode(args, tmp: Path) -> list[dict]:
+    """Decode + resize alone (no model) per image source, with and without the size hint (draft mode), in the
+    main process and in 2 DataLoader workers; beside them the model alone, interleaved in the same run."""
+    from bannermatch.extraction import load_backbone
+    from bannermatch.recipe import default_batch_size, make_recipe
+
+    model = MODELS[args.models[0]]
+    weights = random_checkpoint(model, tmp)
+    recipe = make_recipe(model, weights=weights)
+    batch = args.batch_size or default_batch_size(recipe, "cpu")
+    backbone = load_backbone(recipe, weights, "cpu")
+    runs: dict[tuple[str, str], tuple[int, object]] = {}
+    for label, size in DECODE_SETS.items():
+        blobs = photo_jpegs(size, args.decode_images)
+        kib = sum(map(len, blobs)) / len(blobs) / 1024
+        for hint in (False, True):
+            dataset = _DecodeDataset(blobs, recipe, hint)
+            for w in (0, 2):
+                how = f"{'draft (size hint)' if hint else 'full decode'}, " + ("main process" if not w else f"{w} workers")
+                runs[(f"{label}, {kib:.0f} KiB", how)] = (len(blobs), decoder(dataset, w, batch))
+    for dtype in ("float32",):
+        runs[(f"model only ({model})", f"{dtype}, batch {batch}")] = (
+            args.decode_images, lambda: model_only(backbone, recipe, batch, args.decode_images, dtype))
+    rates = _interleaved(runs, args.repeats, "decode")
+    return [{"images": k[0], "how": k[1], "best": max(r), "median": statistics.median(r)} for k, r in rates.items()]
+
+
+def _interleaved(runs: dict, repeats: int, tag: str) -> dict:
+    """Each run ``repeats`` times, interleaved so every one sees the same share of the machine's load: rates."""
+    rates = {name: [] for name in runs}
+    for rep in range(repeats):
+        for name, (n, fn) in runs.items():
+            start = time.perf_counter()
+            fn()
+            rates[name].append(n / (time.perf_counter() - start))
+            print(f"  [{tag} repeat {rep + 1}/{repeats}] {name}: {rates[name][-1]:.1f} img/s "
+                  f"(load {_loadavg()})", file=sys.stderr)
+    return rates
+
+
+def _loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in __import__("os").getloadavg())
+
+
+def print_decode(rows: list[dict]) -> None:
+    print("\n## Decode ceiling: decode + resize alone vs the model alone (images/s; best and median)\n")
+    model = next(r for r in rows if r["images"].startswith("model only"))
+    print(f"Model alone: {model['images']}, {model['how']}: {model['best']:.1f} img/s. A source whose decode rate is "
+          "below it bounds the pipeline.\n")
+    print("| images | decoding | best img/s | median img/s | vs full decode | vs model only | bound by |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        if r is model:
+            continue
+        full = next(x["best"] for x in rows if x["images"] == r["images"]
+                    and x["how"] == r["how"].replace("draft (size hint)", "full decode"))
+        print(f"| {r['images']} | {r['how']} | {r['best']:.1f} | {r['median']:.1f} | {r['best'] / full:.2f}x | "
+              f"{r['best'] / model['best']:.2f}x | {'decode' if r['best'] < model['best'] else 'model'} |")
 
 
 # ------------------------------------------------------------------------------------------ search
@@ -352,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="default: the library's (about 4,096 tokens on a CPU)")
     p.add_argument("--workers", type=_csv(int), default=[0, 2], help="DataLoader worker counts to compare (default 0,2)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each embedding pipeline (default 2)")
+    p.add_argument("--decode-images", type=int, default=120,
+                   help="JPEGs per source size for the decode ceiling (cut from real photos; default 120)")
+    p.add_argument("--cpu-images", type=int, default=60,
+                   help="images each CPU option embeds per repeat for its speed (default 60)")
+    p.add_argument("--calibration-images", type=int, default=30,
+                   help="images calibrating static int8 (other than the evaluated ones; default 30)")
     p.add_argument("--search-n", type=int, default=30_000, help="database size for the search benchmark (30000)")
     p.add_argument("--dims", type=_csv(int), default=[768, 1536], help="feature dimensions to search (768,1536)")
     p.add_argument("--search-methods", type=lambda s: s.split(","), default=list(SEARCH_METHODS),
@@ -365,9 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--typed-names", type=int, default=100,
                    help="real names typed, a prefix per keystroke, for the name search (default 100)")
     p.add_argument("--skip-embedding", action="store_true")
+    p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--skip-search", action="store_true")
     p.add_argument("--skip-names", action="store_true")
-    p.add_argument("--only", choices=PARTS, help="run this part alone")
+    p.add_argument("--only", choices=PARTS, help="run this part alone (cpu-options runs only so: it needs the "
+                   "real-weights test dependencies, onnxruntime, openvino and nncf)")
     p.add_argument("--search-worker", nargs=4, metavar=("METHOD", "FEATURES", "K", "OUT"), help=argparse.SUPPRESS)
     return p
 
@@ -381,7 +507,8 @@ def main(argv=None) -> int:
     unknown = [m for m in args.models if m not in MODELS] + [m for m in args.search_methods if m not in SEARCH_METHODS]
     if unknown:
         build_parser().error(f"unknown model or search method: {', '.join(unknown)}")
-    skip = {part: getattr(args, f"skip_{part}") or (args.only is not None and args.only != part) for part in PARTS}
+    skip = {part: (part in OPT_IN_PARTS and args.only != part) or getattr(args, f"skip_{part}", False)
+            or (args.only is not None and args.only != part) for part in PARTS}
     if not skip["names"] and not args.app_list.is_file():
         if args.only == "names" or args.app_list != build_parser().get_default("app_list"):
             build_parser().error(f"no app list at {args.app_list}")
@@ -393,6 +520,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if not skip["embedding"]:
             print_embedding(bench_embedding(args, Path(tmp)))
+        if not skip["decode"]:
+            print_decode(bench_decode(args, Path(tmp)))
+        if not skip["cpu-options"]:
+            from benchmarks.cpu_options import bench_cpu_options, print_cpu_options
+
+            print_cpu_options(bench_cpu_options(args, Path(tmp)))
         if not skip["search"]:
             print_search(bench_search(args, Path(tmp)), args.search_n, args.k)
         if not skip["names"]:

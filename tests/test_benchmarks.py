@@ -14,7 +14,7 @@ from benchmarks.run import SEARCH_METHODS, clustered_features, main, name_querie
 
 def test_benchmark_prints_embedding_and_search_tables(capsys):
     main(["--images", "6", "--baseline-images", "2", "--batch-size", "3", "--workers", "0,1", "--repeats", "1",
-          "--search-n", "300", "--dims", "16,24", "--search-repeats", "1", "-k", "5"])
+          "--search-n", "300", "--dims", "16,24", "--search-repeats", "1", "-k", "5", "--decode-images", "4"])
     out = capsys.readouterr().out
     assert "Machine:" in out and "Command: python -m benchmarks --images 6" in out
     embedding = [line for line in out.splitlines() if line.startswith("| dino_vits16 |")]
@@ -29,6 +29,14 @@ def test_benchmark_prints_embedding_and_search_tables(capsys):
         best, median = (float(x) for x in line.split("|")[3:5])
         assert best > 0 and median > 0
     assert embedding[0].split("|")[5].strip() == "1.00x"
+
+    decode = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if re.match(r"\| \d+x\d+ JPEG", line)]
+    assert [(d[0].split(",")[0], d[1]) for d in decode] == [
+        (f"{size} JPEG ({source})", f"{how}, {where}") for size, source in (
+            ("300x450", "Steam CDN banner"), ("600x900", "CDN original"), ("224x336", "snapshot"))
+        for how in ("full decode", "draft (size hint)") for where in ("main process", "2 workers")]
+    assert all(float(d[2]) > 0 and d[6] in ("decode", "model") for d in decode)
+    assert "Model alone: model only (dino_vits16), float32, batch 3:" in out
 
     search = [line for line in out.splitlines() if re.match(r"\| (16|24) \|", line)]
     assert [(line.split("|")[1].strip(), line.split("|")[2].strip()) for line in search] == [

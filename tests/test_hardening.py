@@ -75,6 +75,21 @@ def test_decoding_every_kind_of_image():
         assert np.abs(np.asarray(first, float) - np.asarray(draw_banner(1), float)).mean() < 25
 
 
+def test_size_hint_decodes_large_jpegs_smaller_never_below_the_hint():
+    large = draw_banner(3, size=(600, 900))
+    assert decode_image(_jpeg(large), min_size=(256, 256)).size == (300, 450)  # 1/2 scale in the DCT domain
+    assert decode_image(_jpeg(large), min_size=(451, 300)).size == (600, 900)  # 1/2 would be below the hint
+    assert decode_image(_jpeg(large), min_size=(200, 120)).size == (150, 225)  # 1/4
+    assert decode_image(_jpeg(large)).size == (600, 900)  # no hint: full size
+    assert decode_image(_png(large), min_size=(200, 120)).size == (600, 900)  # only JPEGs have a draft mode
+    # the hint is for the upright image: a landscape JPEG shown portrait (EXIF 6) keeps its upright width
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = _jpeg(large.transpose(Image.Transpose.ROTATE_90), exif=exif.tobytes())
+    assert decode_image(rotated, min_size=(200, 400)).size == (600, 900)
+    assert decode_image(rotated, min_size=(400, 200)).size == (300, 450)
+
+
 @pytest.mark.parametrize("data,reason", [
     (b"", "empty file"),
     (os.urandom(2048), "not an image"),

@@ -70,3 +70,33 @@ def test_real_dinov2_weights_find_edited_copies(tmp_path, dinov2_real_state):
     recall = {w.name: _recall_at_1(tmp_path / "images", w, tmp_path / "store", n, "complex") for w in (real, random)}
     assert recall[real.name] >= 0.9, recall
     assert recall[real.name] >= recall[random.name] + 0.1, recall
+
+
+def test_large_jpegs_are_decoded_at_draft_scale_with_the_same_features(tmp_path, dinov2_real_state, monkeypatch):
+    """600x900 originals are decoded at 300x450 in the DCT domain (crop needs a 256 px short side): features
+    stay within cos 0.999 of those of the fully decoded images."""
+    from bannermatch import extraction
+    from bannermatch.sources import decode_image
+
+    weights, folder = tmp_path / "dinov2_vits14_pretrain.pth", tmp_path / "images"
+    torch.save(dinov2_real_state, weights)
+    folder.mkdir()
+    for i, img in enumerate(photos(longest=1024)):
+        ImageOps.fit(img, (600, 900)).save(folder / f"{i + 1}.jpg", quality=90)
+    decoded = []
+
+    def recorded(data, min_size=None):
+        decoded.append(decode_image(data, min_size))
+        return decoded[-1]
+
+    monkeypatch.setattr(extraction, "decode_image", recorded)
+    recipe = bannermatch.make_recipe("dinov2_vits14", weights=weights)
+    feats = bannermatch.extract_features(folder, recipe, store=tmp_path / "store", weights=weights, device="cpu",
+                                         progress=False, dtype="float32")
+    assert [img.size for img in decoded] == [(300, 450)] * len(photos())
+    backbone = extraction.load_backbone(recipe, weights, "cpu")
+    full = extraction.embed_images([decode_image((folder / f"{k}.jpg").read_bytes()) for k in feats.keys],
+                                   recipe, backbone)
+    assert {img.size for img in map(decode_image, (p.read_bytes() for p in folder.iterdir()))} == {(600, 900)}
+    cos = np.sum(full * feats.features, axis=1)
+    assert cos.min() >= 0.999, cos
