@@ -67,8 +67,7 @@ def tiny_weights(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def steam_names() -> dict[str, str]:
-    if not SHARED_APPS.is_file():
-        pytest.skip(f"shared Steam app list not found at {SHARED_APPS}")
-    from bannermatch.steam import load_app_names
+    """The 29,982 games of the app list shipped with the package."""
+    from bannermatch.steam import shipped_app_names
 
-    return load_app_names(SHARED_APPS)
+    return shipped_app_names()

@@ -109,13 +109,12 @@ def banner_path(appid) -> str:
 
 # ------------------------------------------------------------------------------------------ app lists
 
-def test_app_list_shapes_give_the_same_mapping(tmp_path, steam_names):
+def test_app_list_shapes_give_the_same_mapping(tmp_path):
     records = [{"appid": 227300, "name": "Euro Truck Simulator 2"}, {"appid": 10, "name": "Counter-Strike"}]
     expected = {"227300": "Euro Truck Simulator 2", "10": "Counter-Strike"}
     assert steam.parse_app_list({"applist": {"apps": records}}) == expected
     assert steam.parse_app_list({"response": {"apps": records}}) == expected
     assert steam.parse_app_list({"227300": "Euro Truck Simulator 2", "10": "Counter-Strike"}) == expected
-    assert len(steam_names) == 29982 and steam_names["227300"] == "Euro Truck Simulator 2"
 
     bad = tmp_path / "bad.json"
     bad.write_text('{"227300": "Euro Truck')
@@ -127,13 +126,14 @@ def test_app_list_shapes_give_the_same_mapping(tmp_path, steam_names):
         download_banners(tmp_path / "out", appids=["227300", "../etc"], host="http://127.0.0.1:9")
 
 
-def test_fetch_app_list_from_getapplist_v2():
+def test_fetch_app_list_from_getapplist_v2(monkeypatch):
+    monkeypatch.delenv(steam.API_KEY_ENV, raising=False)
     apps = [{"appid": 570, "name": "Dota 2"}, {"appid": 10, "name": "Counter-Strike"}, {"appid": 5, "name": " "}]
     with serve({"/ISteamApps/GetAppList/v2/": json.dumps({"applist": {"apps": apps}}).encode()}) as server:
         assert steam.fetch_app_list(server.url, key=None) == {"570": "Dota 2", "10": "Counter-Strike"}
 
 
-def test_fetch_app_list_falls_back_to_istoreservice_with_key(monkeypatch):
+def test_fetch_app_list_asks_istoreservice_for_games_only_with_a_key(monkeypatch):
     def store_pages(handler):
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)
         assert query["key"] == ["SECRET"] and query["include_games"] == ["true"]
@@ -149,9 +149,31 @@ def test_fetch_app_list_falls_back_to_istoreservice_with_key(monkeypatch):
         monkeypatch.delenv(steam.API_KEY_ENV, raising=False)
         with pytest.raises(BannermatchError, match=f"HTTP 404.*set {steam.API_KEY_ENV}"):
             steam.fetch_app_list(server.url)
+        assert not server.gets("IStoreService")
         monkeypatch.setenv(steam.API_KEY_ENV, "SECRET")
+        v2_requests = len(server.gets("ISteamApps"))
         assert steam.fetch_app_list(server.url) == {"10": "Counter-Strike", "570": "Dota 2"}
-        assert len(server.gets("IStoreService")) == 2
+        assert len(server.gets("IStoreService")) == 2 and len(server.gets("ISteamApps")) == v2_requests
+
+
+def test_shipped_app_list_is_package_data(tmp_path, steam_names):
+    """The 2021 list ships in the wheel, so names work offline without ../shared."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    assert len(steam_names) == 29982 and steam_names["227300"] == "Euro Truck Simulator 2"
+    shared = Path(__file__).resolve().parents[2] / "shared" / "steam" / "vertical_banner_apps_2021.json"
+    if shared.is_file():
+        assert steam_names == steam.load_app_names(shared)
+    root = Path(steam.__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(root),
+                    "-w", str(tmp_path)], check=True, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("bannermatch-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        shipped = json.loads(zf.read(f"bannermatch/data/{steam.SHIPPED_APP_LIST}"))
+    assert steam.parse_app_list(shipped) == steam_names
 
 
 def test_download_without_app_list_asks_the_steam_web_api(tmp_path, monkeypatch):
