@@ -158,6 +158,7 @@ def test_fetch_app_list_asks_istoreservice_for_games_only_with_a_key(monkeypatch
 
 def test_shipped_app_list_is_package_data(tmp_path, steam_names):
     """The 2021 list ships in the wheel, so names work offline without ../shared."""
+    import shutil
     import subprocess
     import sys
     import zipfile
@@ -167,8 +168,11 @@ def test_shipped_app_list_is_package_data(tmp_path, steam_names):
     shared = Path(__file__).resolve().parents[2] / "shared" / "steam" / "vertical_banner_apps_2021.json"
     if shared.is_file():
         assert steam_names == steam.load_app_names(shared)
-    root = Path(steam.__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(root),
+    root, src = Path(steam.__file__).resolve().parents[1], tmp_path / "src"  # built from a copy: no build/ left here
+    shutil.copytree(root / "bannermatch", src / "bannermatch", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(root / name, src)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src),
                     "-w", str(tmp_path)], check=True, cwd=tmp_path)
     (wheel,) = tmp_path.glob("bannermatch-*.whl")
     with zipfile.ZipFile(wheel) as zf:
