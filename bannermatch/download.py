@@ -344,7 +344,9 @@ def _get_banner(session, url: str, timeout: float, stop: threading.Event) -> tup
             after = response.headers.get("Retry-After", "").strip()
             return None, reason, float(after) if after.isdigit() else -1
         body = io.BytesIO()
-        for chunk in response.iter_content(1 << 16):
+        # read1: whatever one read of the socket gives, so the deadline is checked as bytes come (iter_content
+        # would wait for 64 kB, and a server sending a byte now and then never trips the read timeout)
+        while chunk := response.raw.read1(1 << 16):
             body.write(chunk)
             if stop.is_set():
                 raise _Interrupted
@@ -357,12 +359,14 @@ def _get_banner(session, url: str, timeout: float, stop: threading.Event) -> tup
 
 def _fetch(session, url: str, timeout: float, retries: int, stop: threading.Event) -> tuple[bytes | None, str | None]:
     """The banner's bytes, or why not after ``retries`` more attempts for 429, 5xx, cuts, resets and timeouts."""
+    from urllib3.exceptions import HTTPError as Urllib3Error  # what reading the body raises (requests' are OSErrors)
+
     for attempt in range(retries + 1):
         try:
             data, reason, wait_for = _get_banner(session, url, timeout, stop)
             if wait_for is None:
                 return data, reason
-        except (OSError, http.client.HTTPException) as exc:  # requests' errors are OSErrors too
+        except (OSError, http.client.HTTPException, Urllib3Error) as exc:
             reason, wait_for = _failure_reason(exc), -1
         if attempt < retries:
             # the server's Retry-After, or an exponential backoff with jitter; never longer than _MAX_WAIT

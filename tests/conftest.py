@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -71,3 +72,10 @@ def steam_names() -> dict[str, str]:
     from bannermatch.steam import shipped_app_names
 
     return shipped_app_names()
+
+
+@pytest.fixture(scope="module", params=["light", pytest.param("img2dataset", marks=pytest.mark.skipif(
+    importlib.util.find_spec("img2dataset") is None, reason="img2dataset not installed: pip install 'bannermatch[img2dataset]'"))])
+def engine(request) -> str:
+    """Download tests that test behaviour run with both engines: they promise the same folder, report and resumption."""
+    return request.param

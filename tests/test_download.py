@@ -35,14 +35,6 @@ from bannermatch.sources import open_source
 
 TIMEOUT = 1  # seconds; the slow banner answers after SLOW_DELAY
 SLOW_DELAY = 2.5
-ENGINES = ["light", pytest.param("img2dataset", marks=pytest.mark.skipif(
-    importlib.util.find_spec("img2dataset") is None, reason="img2dataset not installed: pip install 'bannermatch[img2dataset]'"))]
-
-
-@pytest.fixture(scope="module", params=ENGINES)
-def engine(request) -> str:
-    """Each behavioural test runs with both engines: they promise the same folder, report and resumption."""
-    return request.param
 
 
 def jpeg(seed: int) -> bytes:
