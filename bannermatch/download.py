@@ -145,6 +145,11 @@ def _rows(names: dict[str, str], host: str) -> list[Row]:
     return [(banner_url(a, host), a, names[a]) for a in sorted(names, key=int)]
 
 
+def _on_host(rows: list[Row], host: str) -> list[Row]:
+    """The same rows with their URLs on ``host``: a download may go on from another CDN host."""
+    return [(banner_url(a, host) if a else "", a, n) for _, a, n in rows]
+
+
 def _read_rows(path: Path) -> list[Row]:
     import pyarrow.parquet as pq
 
@@ -168,7 +173,7 @@ def _plan(output_dir: Path, saved: list[Row] | None, app_list, appids, host: str
     if saved is not None and app_list is None and appids is None:
         log.info("resuming the download of the %d apps listed in %s", sum(bool(a) for _, a, _ in saved),
                  output_dir / URL_TABLE)
-        return [(banner_url(a, host) if a else "", a, n) for _, a, n in saved]
+        return _on_host(saved, host)
     rows = _rows(_app_names(app_list, appids, shipped_app_names), host)
     # Shard n holds rows n*SAMPLES_PER_SHARD...: finished shards only stay valid for the same apps in the same order.
     if saved is not None and _finished_shards(output_dir) and [a for _, a, _ in saved] != [a for _, a, _ in rows]:
@@ -190,7 +195,7 @@ def _plan_update(output_dir: Path, saved: list[Row] | None, app_list, appids, ho
         if appid in have or (last is not None and (last["status"] == "success" or last["checked"] > cutoff)):
             continue
         (new if last is None else rechecked).append(appid)
-    rows = list(saved or [])
+    rows = _on_host(saved or [], host)
     if new or rechecked:
         rows += [("", "", "")] * (-len(rows) % SAMPLES_PER_SHARD)
         rows += _rows({a: listed[a] for a in new + rechecked}, host)
@@ -641,7 +646,13 @@ def download_banners(output_dir, app_list=None, appids=None, host: str = STEAM_C
     collection_before = {a for a, o in _outcomes(output_dir).items() if o["status"] == "success"}
     start = time.perf_counter()
 
+    written = saved
+
     def run(rows: list[Row]) -> None:
+        nonlocal written
+        if rows != written:  # img2dataset reads the table from the folder
+            _write_rows(rows, table)
+            written = rows
         finished = set(_finished_shards(output_dir, drop_unreadable=True))
         pending = [k for k in range(math.ceil(len(rows) / SAMPLES_PER_SHARD)) if k not in finished]
         try:
@@ -661,14 +672,12 @@ def download_banners(output_dir, app_list=None, appids=None, host: str = STEAM_C
     update_info = {}
     if update:
         if saved is not None:
-            run(saved)  # finish an interrupted download first: the new shards start after the last one
+            run(_on_host(saved, host))  # finish an interrupted download first: the new shards start after the last one
         rows, update_info = _plan_update(output_dir, saved, app_list, appids, host, recheck_days, {str(a) for a in have})
     else:
         rows = _plan(output_dir, saved, app_list, appids, host)
     if not rows:
         raise BannermatchError(f"nothing to update in {output_dir}: every listed app is already there")
-    if rows != saved:
-        _write_rows(rows, table)
     run(rows)
     outcomes = _outcomes(output_dir)
     _save_state(output_dir, outcomes)

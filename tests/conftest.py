@@ -11,9 +11,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import bannermatch
 from bannermatch.models import create_model
 
-SHARED_APPS = Path(__file__).resolve().parents[2] / "shared" / "steam" / "vertical_banner_apps_2021.json"
+# The 2021 app list (29,982 games), as shipped in the package: tests need nothing outside the repository.
+SHARED_APPS = Path(bannermatch.__file__).resolve().parent / "data" / "apps_2021.json"
 # A small ViT with the registry's DINO ViT-S/16 code path (timm): 48-d, 4 blocks, 3 heads.
 TINY_ARCH = {"embed_dim": 48, "depth": 4, "num_heads": 3}
 # Real app ids and names (from the shared Steam list) for the synthetic banners.
