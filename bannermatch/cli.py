@@ -228,7 +228,7 @@ def add_core_commands(sub) -> None:
                        description="Download the banners (unless --images exists), embed them, match them all and "
                                    "draw the top-k of the queries. Offline: --images PATH and --weights PATH.")
     p.add_argument("--images", default=DEFAULT_IMAGES, help="banners; downloaded here if absent (default: %(default)s)")
-    p.add_argument("--app-list", metavar="FILE", help="games to download (default: the Steam Web API's list)")
+    p.add_argument("--app-list", metavar="FILE", help="games to download (default: the shipped list of 29,982 games)")
     p.add_argument("--host", default=STEAM_CDN, help="banner CDN for the download (default: %(default)s)")
     add_recipe_options(p)
     p.add_argument("-k", type=_positive, default=10, help="neighbours per banner (default: %(default)s)")
@@ -444,35 +444,43 @@ def cmd_download(args) -> None:
               f"embed it with `bannermatch embed {args.output_dir}`")
         return
     if args.archive:
-        if args.appids:
-            raise BannermatchError("--archive downloads the whole earlier release; it takes no --appids")
+        if args.appids or args.update:
+            raise BannermatchError("--archive downloads the whole earlier release; it takes no --appids or --update")
         path = fetch_archive(args.archive, args.output_dir, progress=not args.quiet)
         if args.app_list:
             save_app_names(load_app_names(args.app_list), path.parent / APP_NAMES_FILE)
         print(f"archive ready: {path}; embed it with `bannermatch embed {path}`")
         return
     report = download_banners(args.output_dir, args.app_list, args.appids, args.host, args.processes, args.threads,
-                              args.distributor, args.timeout, args.retries, progress=not args.quiet)
+                              args.distributor, args.timeout, args.retries, progress=not args.quiet,
+                              engine=args.engine, update=args.update, recheck_days=args.recheck_days)
     print(report.summary())
 
 
 def add_download_command(sub) -> None:
-    from .download import DISTRIBUTORS
+    from .download import DEFAULT_RECHECK_DAYS, DISTRIBUTORS, ENGINES
     from .snapshots import SNAPSHOTS
     from .steam import API_KEY_ENV, STEAM_CDN
 
-    p = sub.add_parser("download", help="download Steam's vertical banners into webdataset shards (img2dataset)",
-                       epilog=f"Without --app-list/--appids the list comes from the Steam Web API (set {API_KEY_ENV} "
-                              "if ISteamApps/GetAppList/v2 is gone), or from the folder's saved list when resuming.")
+    p = sub.add_parser("download", help="download Steam's vertical banners into webdataset shards",
+                       epilog="Without --app-list/--appids: the list shipped with bannermatch (29,982 games with a "
+                              "vertical banner in 2021), or the folder's saved list when resuming; with --update, "
+                              f"Steam's current list (games only when {API_KEY_ENV} is set, every app otherwise).")
     p.add_argument("output_dir", nargs="?", default=DEFAULT_IMAGES, help="shard folder (default: %(default)s)")
     apps = p.add_mutually_exclusive_group()
     apps.add_argument("--app-list", metavar="FILE", help="{appid: name} JSON, or a saved GetAppList answer")
     apps.add_argument("--appids", nargs="+", metavar="ID", help="just these app ids")
+    p.add_argument("--update", action="store_true",
+                   help="fetch only the apps the folder lacks, into new shards; re-check old 404s and failures")
+    p.add_argument("--recheck-days", type=float, default=DEFAULT_RECHECK_DAYS, metavar="DAYS",
+                   help="--update re-checks apps whose 404 or failure is older than this (default: %(default)s)")
     p.add_argument("--host", default=STEAM_CDN, help="CDN serving /steam/apps/ID/library_600x900.jpg (default: %(default)s)")
-    p.add_argument("--processes", type=_positive, help="download processes (default: CPU count, at most 4)")
-    p.add_argument("--threads", type=_positive, help="threads per process (default: 32)")
+    p.add_argument("--engine", default="light", choices=ENGINES,
+                   help="light: requests, in this process; img2dataset: its distributors, for clusters (default: %(default)s)")
+    p.add_argument("--threads", type=_positive, help="parallel downloads (per process for img2dataset; default: 32)")
+    p.add_argument("--processes", type=_positive, help="img2dataset: download processes (default: CPU count, at most 4)")
     p.add_argument("--distributor", default="multiprocessing", choices=DISTRIBUTORS,
-                   help="multiprocessing on one machine; pyspark or ray on a cluster (default: %(default)s)")
+                   help="img2dataset: multiprocessing on one machine; pyspark or ray on a cluster (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=10, help="seconds per request (default: %(default)s)")
     p.add_argument("--retries", type=int, default=2, help="extra attempts per failed banner (default: %(default)s)")
     p.add_argument("--archive", metavar="URL|PATH",

@@ -15,6 +15,7 @@ import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
+from importlib import resources
 from pathlib import Path
 
 from .errors import BannermatchError
@@ -32,8 +33,10 @@ STEAM_API = "https://api.steampowered.com"
 #: Environment variable holding a Steam Web API key, for ``IStoreService/GetAppList``.
 API_KEY_ENV = "STEAM_API_KEY"
 #: What to tell users when Steam cannot be reached.
-OFFLINE_OPTIONS = ("work offline with --app-list FILE (e.g. ../shared/steam/vertical_banner_apps_2021.json) "
-                   "plus a reachable --host, --archive PATH, or point `bannermatch embed` at a local folder of banners")
+OFFLINE_OPTIONS = ("work offline with --app-list FILE (the shipped 2021 list is the default) plus a reachable --host, "
+                   "--archive PATH, or point `bannermatch embed` at a local folder of banners")
+#: Package data: the 29,982 games that had a vertical banner in January 2021, ``{appid: name}``.
+SHIPPED_APP_LIST = "apps_2021.json"
 _USER_AGENT = "bannermatch (Steam banner similarity research)"
 
 log = logging.getLogger(__name__)
@@ -79,6 +82,13 @@ def load_app_names(path: str | Path) -> dict[str, str]:
     return parse_app_list(data)
 
 
+def shipped_app_names() -> dict[str, str]:
+    """The app list shipped with the package (:data:`SHIPPED_APP_LIST`): names offline, and the default first
+    download, since every one of its games had a vertical banner (Steam's full list is mostly 404s)."""
+    text = resources.files("bannermatch").joinpath("data", SHIPPED_APP_LIST).read_text(encoding="utf-8")
+    return parse_app_list(json.loads(text))
+
+
 def save_app_names(names: dict[str, str], path: str | Path) -> Path:
     path = Path(path)
     atomic_write(path, lambda fh: fh.write(json.dumps(names, ensure_ascii=False, indent=0).encode("utf-8")))
@@ -113,25 +123,25 @@ def http_get_json(url: str, timeout: float = 10) -> object:
 def fetch_app_list(api: str | None = None, key: str | None = None, timeout: float = 10) -> dict[str, str]:
     """Every Steam app with a name, ``{appid: name}``, from the Steam Web API.
 
-    Tries ``ISteamApps/GetAppList/v2`` (no key needed); when Steam no longer serves it, pages through
-    ``IStoreService/GetAppList/v1`` (games only) with ``key`` or the ``STEAM_API_KEY`` environment variable.
-    Apps with a blank name (placeholders) are left out.
+    With ``key`` or the ``STEAM_API_KEY`` environment variable: ``IStoreService/GetAppList/v1`` with
+    ``include_games``, paged (games only: fewer 404s to check). Without: the keyless ``ISteamApps/GetAppList/v2``
+    (every app: DLC, tools, soundtracks...). Apps with a blank name (placeholders) are left out.
     """
     api = (api or STEAM_API).rstrip("/")
     key = key or os.environ.get(API_KEY_ENV)
-    try:
-        names = parse_app_list(http_get_json(f"{api}/ISteamApps/GetAppList/v2/", timeout))
-        unavailable = "it returned no apps" if not names else ""
-    except NetworkUnreachable:
-        raise
-    except (urllib.error.HTTPError, BannermatchError) as exc:  # gone, or answering something else than an app list
-        names, unavailable = {}, (f"HTTP {exc.code}" if isinstance(exc, urllib.error.HTTPError) else str(exc))
-    if unavailable:
-        if not key:
+    if key:
+        names = _fetch_store_app_list(api, key, timeout)
+    else:
+        try:
+            names = parse_app_list(http_get_json(f"{api}/ISteamApps/GetAppList/v2/", timeout))
+            unavailable = "it returned no apps" if not names else ""
+        except NetworkUnreachable:
+            raise
+        except (urllib.error.HTTPError, BannermatchError) as exc:  # gone, or answering something else than an app list
+            unavailable = f"HTTP {exc.code}" if isinstance(exc, urllib.error.HTTPError) else str(exc)
+        if unavailable:
             raise BannermatchError(f"Steam's ISteamApps/GetAppList/v2 is unavailable ({unavailable}); set {API_KEY_ENV} "
                                    "to use IStoreService/GetAppList instead, or pass --app-list FILE")
-        log.info("ISteamApps/GetAppList/v2 unavailable (%s); using IStoreService/GetAppList", unavailable)
-        names = _fetch_store_app_list(api, key, timeout)
     return {appid: name for appid, name in names.items() if name.strip()}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import mimetypes
 import threading
@@ -13,12 +14,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import bannermatch
 from bannermatch.backbones import create_model
 
-_APPS_FILE = Path("shared", "steam", "vertical_banner_apps_2021.json")
-# Beside the project (../shared), or further up for a git worktree checked out deeper.
-SHARED_APPS = next((p / _APPS_FILE for p in Path(__file__).resolve().parents[2:] if (p / _APPS_FILE).is_file()),
-                   Path(__file__).resolve().parents[2] / _APPS_FILE)
+# The 2021 app list (29,982 games), as shipped in the package: tests need nothing outside the repository.
+SHARED_APPS = Path(bannermatch.__file__).resolve().parent / "data" / "apps_2021.json"
 # A small ViT with the registry's DINO ViT-S/16 code path (timm): 48-d, 4 blocks, 3 heads.
 TINY_ARCH = {"embed_dim": 48, "depth": 4, "num_heads": 3}
 # Real app ids and names (from the shared Steam list) for the synthetic banners.
@@ -73,11 +73,10 @@ def tiny_weights(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def steam_names() -> dict[str, str]:
-    if not SHARED_APPS.is_file():
-        pytest.skip(f"shared Steam app list not found at {SHARED_APPS}")
-    from bannermatch.steam import load_app_names
+    """The 29,982 games of the app list shipped with the package."""
+    from bannermatch.steam import shipped_app_names
 
-    return load_app_names(SHARED_APPS)
+    return shipped_app_names()
 
 
 @pytest.fixture(scope="session")
@@ -119,3 +118,10 @@ class StaticServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+@pytest.fixture(scope="module", params=["light", pytest.param("img2dataset", marks=pytest.mark.skipif(
+    importlib.util.find_spec("img2dataset") is None, reason="img2dataset not installed: pip install 'bannermatch[img2dataset]'"))])
+def engine(request) -> str:
+    """Download tests that test behaviour run with both engines: they promise the same folder, report and resumption."""
+    return request.param

@@ -1,20 +1,28 @@
-"""Banner download: app lists, the real img2dataset against a local CDN, the resumable archive fetch, the CLI.
+"""Banner download: app lists, both engines (light, and the real img2dataset) against a local CDN, the resumable
+archive fetch, the CLI.
 
 Every network call goes to HTTP servers these tests start on 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
+import shutil
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
 import time
 import urllib.parse
+import zipfile
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import APPS, draw_banner
@@ -109,13 +117,12 @@ def banner_path(appid) -> str:
 
 # ------------------------------------------------------------------------------------------ app lists
 
-def test_app_list_shapes_give_the_same_mapping(tmp_path, steam_names):
+def test_app_list_shapes_give_the_same_mapping(tmp_path):
     records = [{"appid": 227300, "name": "Euro Truck Simulator 2"}, {"appid": 10, "name": "Counter-Strike"}]
     expected = {"227300": "Euro Truck Simulator 2", "10": "Counter-Strike"}
     assert steam.parse_app_list({"applist": {"apps": records}}) == expected
     assert steam.parse_app_list({"response": {"apps": records}}) == expected
     assert steam.parse_app_list({"227300": "Euro Truck Simulator 2", "10": "Counter-Strike"}) == expected
-    assert len(steam_names) == 29982 and steam_names["227300"] == "Euro Truck Simulator 2"
 
     bad = tmp_path / "bad.json"
     bad.write_text('{"227300": "Euro Truck')
@@ -125,15 +132,20 @@ def test_app_list_shapes_give_the_same_mapping(tmp_path, steam_names):
         download_banners(tmp_path / "out", app_list={"games": ["x"]}, host="http://127.0.0.1:9")
     with pytest.raises(BannermatchError, match="must be integers"):
         download_banners(tmp_path / "out", appids=["227300", "../etc"], host="http://127.0.0.1:9")
+    with pytest.raises(BannermatchError, match="unknown engine 'curl'; choose one of light, img2dataset"):
+        download_banners(tmp_path / "out", appids=["10"], engine="curl")
+    with pytest.raises(BannermatchError, match="distributor is img2dataset's: add --engine img2dataset"):
+        download_banners(tmp_path / "out", appids=["10"], distributor="ray")
 
 
-def test_fetch_app_list_from_getapplist_v2():
+def test_fetch_app_list_from_getapplist_v2(monkeypatch):
+    monkeypatch.delenv(steam.API_KEY_ENV, raising=False)
     apps = [{"appid": 570, "name": "Dota 2"}, {"appid": 10, "name": "Counter-Strike"}, {"appid": 5, "name": " "}]
     with serve({"/ISteamApps/GetAppList/v2/": json.dumps({"applist": {"apps": apps}}).encode()}) as server:
         assert steam.fetch_app_list(server.url, key=None) == {"570": "Dota 2", "10": "Counter-Strike"}
 
 
-def test_fetch_app_list_falls_back_to_istoreservice_with_key(monkeypatch):
+def test_fetch_app_list_asks_istoreservice_for_games_only_with_a_key(monkeypatch):
     def store_pages(handler):
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)
         assert query["key"] == ["SECRET"] and query["include_games"] == ["true"]
@@ -149,20 +161,42 @@ def test_fetch_app_list_falls_back_to_istoreservice_with_key(monkeypatch):
         monkeypatch.delenv(steam.API_KEY_ENV, raising=False)
         with pytest.raises(BannermatchError, match=f"HTTP 404.*set {steam.API_KEY_ENV}"):
             steam.fetch_app_list(server.url)
+        assert not server.gets("IStoreService")
         monkeypatch.setenv(steam.API_KEY_ENV, "SECRET")
+        v2_requests = len(server.gets("ISteamApps"))
         assert steam.fetch_app_list(server.url) == {"10": "Counter-Strike", "570": "Dota 2"}
-        assert len(server.gets("IStoreService")) == 2
+        assert len(server.gets("IStoreService")) == 2 and len(server.gets("ISteamApps")) == v2_requests
 
 
-def test_download_without_app_list_asks_the_steam_web_api(tmp_path, monkeypatch):
-    apps = {"applist": {"apps": [{"appid": 227300, "name": "Euro Truck Simulator 2"}]}}
-    with serve({"/ISteamApps/GetAppList/v2/": json.dumps(apps).encode()}) as api:
+def test_shipped_app_list_is_package_data(tmp_path, steam_names):
+    """The 2021 list ships in the wheel, so names work offline without ../shared."""
+    assert len(steam_names) == 29982 and steam_names["227300"] == "Euro Truck Simulator 2"
+    shared = Path(__file__).resolve().parents[2] / "shared" / "steam" / "vertical_banner_apps_2021.json"
+    if shared.is_file():
+        assert steam_names == steam.load_app_names(shared)
+    root, src = Path(steam.__file__).resolve().parents[1], tmp_path / "src"  # built from a copy: no build/ left here
+    shutil.copytree(root / "bannermatch", src / "bannermatch", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(root / name, src)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src),
+                    "-w", str(tmp_path)], check=True, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("bannermatch-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        shipped = json.loads(zf.read(f"bannermatch/data/{steam.SHIPPED_APP_LIST}"))
+    assert steam.parse_app_list(shipped) == steam_names
+
+
+def test_first_download_defaults_to_the_shipped_list(tmp_path, monkeypatch, steam_names):
+    """No app list: the shipped 29,982 games (each had a vertical banner), not ~200k apps from the Web API."""
+    with serve({}) as api:
         monkeypatch.setattr(steam, "STEAM_API", api.url)
-        with pytest.raises(BannermatchError, match="unreachable"):  # the list is fetched, the CDN is not there
+        with pytest.raises(BannermatchError, match="unreachable"):  # the list is there, the CDN is not
             download_banners(tmp_path, host=closed_port_url(), timeout=2, progress=False)
+        assert not api.requests
     table = pq.read_table(tmp_path / URL_TABLE).to_pydict()
-    assert table["appid"] == ["227300"] and table["name"] == ["Euro Truck Simulator 2"]
-    assert steam.load_app_names(tmp_path / steam.APP_NAMES_FILE) == {"227300": "Euro Truck Simulator 2"}
+    assert len(table["appid"]) == 29982 and dict(zip(table["appid"], table["name"])) == steam_names
+    assert table["appid"] == sorted(steam_names, key=int)
+    assert steam.load_app_names(tmp_path / steam.APP_NAMES_FILE) == {a: n for a, n in steam_names.items() if n}
 
 
 def test_unreachable_network_is_one_clear_error(tmp_path):
@@ -176,7 +210,7 @@ def test_unreachable_network_is_one_clear_error(tmp_path):
     assert not list((tmp_path / "out").glob("*.tar"))
 
 
-# ------------------------------------------------------------------------------------------ img2dataset
+# ------------------------------------------------------------------------------------------ both engines
 
 GOOD = ["10", "70", "220", "400", "570", "227300"]  # served as 300x450 JPEGs
 MISSING = ["440", "620"]  # 404: no vertical banner
@@ -198,11 +232,12 @@ def cdn():
         yield server
 
 
-def test_download_writes_shards_report_and_resumes(tmp_path, cdn, monkeypatch):
+def test_download_writes_shards_report_and_resumes(tmp_path, cdn, monkeypatch, engine):
     monkeypatch.setattr(download, "SAMPLES_PER_SHARD", 4)  # 11 apps -> 3 shards
     apps = {a: APPS[a] for a in GOOD + MISSING + [TRUNCATED, NOT_IMAGE, SLOW]}
     out = tmp_path / "banners"
-    run = dict(host=cdn.url, processes=1, threads=4, timeout=TIMEOUT, retries=1, progress=False)
+    run = dict(host=cdn.url, processes=1, threads=4, timeout=TIMEOUT, retries=1, progress=False, engine=engine)
+    missing_gets = len(cdn.gets(f"/{MISSING[0]}/"))  # the CDN serves every engine's run
     report = download_banners(out, app_list=apps, **run)
 
     source = open_source(out)
@@ -215,13 +250,17 @@ def test_download_writes_shards_report_and_resumes(tmp_path, cdn, monkeypatch):
     assert report.failures == {"Image decoding error": 2, "timed out": 1}
     assert report.new_downloads == 6 and report.images_per_second > 0
     assert json.loads((out / REPORT_FILE).read_text()) == report.to_dict()
-    assert not list(out.glob("*.aside")) and not (out / "_tmp").exists()
+    assert not list(out.glob("*.aside")) and not (out / "_tmp").exists() and not list(out.glob("*.tmp*"))
     assert steam.load_app_names(out / steam.APP_NAMES_FILE) == apps
     table = pq.read_table(out / URL_TABLE)
     assert str(table.schema.field("appid").type) == "string"
     assert table.column("url").to_pylist()[0] == steam.banner_url(10, cdn.url)
-    assert len(cdn.gets(f"/{MISSING[0]}/")) == 2  # retries=1: two attempts
+    # img2dataset retries a 404 like any failure; the light engine takes it as the final answer it is
+    assert len(cdn.gets(f"/{MISSING[0]}/")) - missing_gets == (2 if engine == "img2dataset" else 1)
     assert "6 of 11 banners in 3 shards" in report.summary() and "2 without a vertical banner" in report.summary()
+    state = json.loads((out / download.STATE_FILE).read_text())
+    assert set(state["not_found"]) == set(MISSING) and set(state["failed"]) == {TRUNCATED, NOT_IMAGE, SLOW}
+    assert state["failed"][SLOW][1] == "timed out" and all(t <= time.time() for t in state["not_found"].values())
 
     # A rerun finds every shard done: no request at all, same totals.
     seen = len(cdn.requests)
@@ -240,20 +279,55 @@ def test_download_writes_shards_report_and_resumes(tmp_path, cdn, monkeypatch):
     assert sorted(open_source(out).keys, key=int) == sorted(GOOD, key=int)
     assert steam.load_app_names(out / steam.APP_NAMES_FILE) == apps  # set aside while img2dataset ran, then back
 
-    with pytest.raises(BannermatchError, match="another URL list"):
+    with pytest.raises(BannermatchError, match="another app list.*--update"):
         download_banners(out, appids=["10"], **run)
 
 
-def test_cli_download(tmp_path, cdn, capsys):
+def _layout(out: Path) -> dict:
+    """What a shard folder looks like, without the bytes: member names, JSON fields, stats and table columns."""
+    with tarfile.open(out / "00000.tar") as tar:
+        members = tar.getmembers()
+        meta = json.loads(tar.extractfile(next(m for m in members if m.name.endswith(".json"))).read())
+    return {
+        "files": sorted(p.name for p in out.iterdir()),
+        "members": sorted(m.name for m in members),  # img2dataset writes them in the order they arrive
+        "meta": sorted(meta),
+        "stats": sorted(json.loads((out / "00000_stats.json").read_text())),
+        "status columns": sorted(pq.read_schema(out / "00000.parquet").names),
+        "url table": pq.read_schema(out / URL_TABLE).names,
+    }
+
+
+@pytest.mark.skipif(importlib.util.find_spec("img2dataset") is None, reason="img2dataset not installed")
+def test_both_engines_write_the_same_layout(tmp_path, cdn, monkeypatch):
+    """Same files, member names, metadata fields, stats and status columns; the same banners up to the resizer."""
+    monkeypatch.setattr(download, "SAMPLES_PER_SHARD", 4)
+    apps = {a: APPS[a] for a in GOOD[:3] + MISSING[:1]}
+    run = dict(app_list=apps, host=cdn.url, processes=1, threads=2, timeout=5, retries=0, progress=False)
+    light, heavy = tmp_path / "light", tmp_path / "img2dataset"
+    download_banners(light, engine="light", **run)
+    download_banners(heavy, engine="img2dataset", **run)
+    assert _layout(light) == _layout(heavy)
+    assert {"appid", "name", "url"} <= set(_layout(light)["meta"])
+    a, b = ({key: image for key, image in open_source(out)} for out in (light, heavy))
+    assert a.keys() == b.keys() == set(GOOD[:3])
+    for key in a:  # Pillow's box filter against OpenCV's area interpolation, both JPEG q95
+        assert a[key].size == b[key].size == (256, 384)
+        diff = np.abs(np.asarray(a[key], np.int16) - np.asarray(b[key], np.int16))
+        assert diff.mean() < 3, (key, diff.mean())
+
+
+def test_cli_download(tmp_path, cdn, capsys, engine):
     out = tmp_path / "cli"
     argv = ["download", str(out), "--appids", "10", "440", "--host", cdn.url, "--processes", "1", "--threads", "2",
-            "--timeout", "2", "--retries", "0"]
+            "--timeout", "2", "--retries", "0", "--engine", engine]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "1 of 2 banners" in printed and "1 without a vertical banner" in printed
     assert open_source(out).keys == ["10"]
 
-    assert main(["download", str(tmp_path / "x"), "--host", closed_port_url(), "--appids", "10", "--timeout", "2"]) == 2
+    assert main(["download", str(tmp_path / "x"), "--host", closed_port_url(), "--appids", "10", "--timeout", "2",
+                 "--engine", engine]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("bannermatch: error: cannot reach") and "\n" not in err
 
