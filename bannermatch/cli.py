@@ -176,16 +176,14 @@ def cmd_show(args) -> None:
 
 
 def cmd_run(args) -> None:
-    """The main job: banners (downloaded if absent), features, matches, and the example query's grid."""
-    from .download import URL_TABLE, download_banners
-
-    images = Path(args.images)
-    # a download folder is always resumed (a no-op once complete); an empty or missing one is filled
-    if not images.exists() or (images / URL_TABLE).exists() or (images.is_dir() and not any(images.iterdir())):
-        print(download_banners(images, args.app_list, host=args.host, progress=not args.quiet).summary())
+    """The main job: banners (a snapshot, then the CDN, unless --images holds banners already), features,
+    matches, and the example query's grid."""
+    from .download import get_banners
     from .extraction import extract_features
     from .matches import find_matches
 
+    get_banners(args.images, None if args.snapshot == "none" else args.snapshot, args.update, args.host,
+                args.app_list, progress=not args.quiet)
     fs = extract_features(args.images, recipe_from_args(args), args.store, args.weights, args.device,
                           progress=not args.quiet, dtype=args.dtype)
     matches = find_matches(fs, args.k, args.device)
@@ -224,11 +222,18 @@ def add_core_commands(sub) -> None:
     add_exclusion_options(p)
     p.set_defaults(func=cmd_match)
 
+    from .snapshots import NEWEST, SNAPSHOTS
+
     p = sub.add_parser("run", help="the whole default pipeline: download, embed, match, show an example",
-                       description="Download the banners (unless --images exists), embed them, match them all and "
-                                   "draw the top-k of the queries. Offline: --images PATH and --weights PATH.")
+                       description="Get the banners (the newest published snapshot, then the Steam CDN for the games "
+                                   "added since; unless --images holds banners already), embed them, match them all "
+                                   "and draw the top-k of the queries. Offline: --images PATH and --weights PATH.")
     p.add_argument("--images", default=DEFAULT_IMAGES, help="banners; downloaded here if absent (default: %(default)s)")
-    p.add_argument("--app-list", metavar="FILE", help="games to download (default: the shipped list of 29,982 games)")
+    p.add_argument("--snapshot", default=NEWEST, choices=[*SNAPSHOTS, "none"],
+                   help="published collection to start from (default: %(default)s); none: the CDN alone")
+    p.add_argument("--update", action="store_true", help="also fetch the games added since the last run")
+    p.add_argument("--app-list", metavar="FILE",
+                   help="games to download (default: Steam's list after a snapshot, else the shipped 29,982 games)")
     p.add_argument("--host", default=STEAM_CDN, help="banner CDN for the download (default: %(default)s)")
     add_recipe_options(p)
     p.add_argument("-k", type=_positive, default=10, help="neighbours per banner (default: %(default)s)")

@@ -772,3 +772,69 @@ def _transfer(url: str, part: Path, timeout: float, progress: bool) -> int | Non
 def _content_range_total(value: str | None) -> int | None:
     m = re.search(r"/(\d+)$", value or "")
     return int(m.group(1)) if m else None
+
+
+# ------------------------------------------------------------------------------------------ the collection
+
+CDN_FOLDER = "cdn"  # beside the snapshot, the banners fetched from the CDN
+COLLECTION_FILE = "collection.json"  # when the collection was last completed from Steam's list, and from what
+
+
+def get_banners(folder=None, snapshot: str | None = "newest", update: bool = False, host: str = STEAM_CDN,
+                app_list=None, mirror: str | None = None, progress: bool = True) -> Path:
+    """The banner collection in ``folder``, the fast way: a published snapshot (``newest`` by default; None for
+    the CDN alone) in a few archives, read in place, then the Steam CDN for what the snapshot lacks.
+
+    On the first run, and with ``update``, the CDN part asks Steam for its current list and requests only the
+    apps added since the snapshot (app ids above its highest; or the apps of ``app_list`` it lacks), so a first
+    run makes no 200k requests; afterwards it is a no-op. A snapshot that cannot be had falls back to the CDN
+    alone (resumable, a no-op once complete); a Steam that cannot be reached after a snapshot leaves the snapshot
+    alone until the next run; each says so in one line. A folder of banners it did not make is used as it is (one
+    that :func:`download_banners` made is resumed). Returns ``folder``: every banner under it, at any depth, is
+    read by :func:`~bannermatch.sources.open_source`.
+    """
+    from .defaults import DEFAULT_IMAGES
+    from .snapshots import NEWEST, SnapshotUnavailable, fetch_snapshot
+    from .sources import open_source
+
+    folder = Path(folder or DEFAULT_IMAGES)
+    if (folder / URL_TABLE).exists():  # a CDN download folder of its own: resumed (a no-op once complete)
+        print(download_banners(folder, app_list, host=host, update=update, progress=progress).summary())
+        return folder
+    if folder.is_dir() and any(folder.iterdir()) and not _collection_made_here(folder):
+        return folder  # banners of the user's own: used as they are
+    cdn = folder / CDN_FOLDER
+    snapshot = NEWEST if snapshot == "newest" else snapshot
+    if snapshot:
+        try:
+            fetch_snapshot(snapshot, folder / snapshot, mirror=mirror, progress=progress)
+        except SnapshotUnavailable as exc:
+            log.warning("%s; downloading the banners from the Steam CDN instead", exc)
+            snapshot = None
+    if snapshot is None:
+        print(download_banners(cdn, app_list, host=host, update=update, progress=progress).summary())
+        return folder
+    if not update and (folder / COLLECTION_FILE).exists():
+        return folder  # the snapshot and what was new then: complete
+    have = set(open_source(folder / snapshot).keys)
+    try:
+        listed = _app_names(app_list, None, fetch_app_list)
+    except BannermatchError as exc:  # offline, or Steam unreachable: the snapshot is a collection of its own
+        log.warning("the games added since the %s snapshot could not be listed (%s); using the snapshot alone",
+                    snapshot, str(exc).splitlines()[0])
+        return folder
+    newest = max(map(int, have), default=0)
+    added = {a: n for a, n in listed.items() if a not in have and (app_list is not None or int(a) > newest)}
+    if added:
+        print(download_banners(cdn, added, host=host, update=True, have=have, progress=progress).summary())
+    else:
+        log.info("no game was added since the %s snapshot", snapshot)
+    record = {"snapshot": snapshot, "listed": len(listed), "added": len(added), "completed": time.time()}
+    atomic_write(folder / COLLECTION_FILE, lambda fh: fh.write(json.dumps(record).encode()))
+    return folder
+
+
+def _collection_made_here(folder: Path) -> bool:
+    from .snapshots import SNAPSHOTS
+
+    return (folder / COLLECTION_FILE).exists() or any((folder / part).is_dir() for part in [CDN_FOLDER, *SNAPSHOTS])

@@ -28,7 +28,7 @@ import zipfile
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -609,6 +609,8 @@ def open_source(path: str | Path) -> ImageSource:
     path = Path(path)
     if not path.exists():
         raise BannermatchError(f"no such file or folder: {path}")
+    if path.is_dir() and (parts := _collection_parts(path)):
+        return _combined(path, parts)
     report = Report()
     listing = _Listing(report)
     if path.is_dir():
@@ -637,7 +639,55 @@ def open_source(path: str | Path) -> ImageSource:
     for problem in problems:  # logged apart from the per-image skips: one line each
         log.warning("%s", problem)
         report.skipped.append((str(path), problem))
-    return ImageSource(path, entries, report)
+    return ImageSource(path, _named(entries), report)
+
+
+def _named(entries: list[Entry]) -> list[Entry]:
+    """Banners without a name in their own metadata get the one of the app list shipped with the package."""
+    from .steam import shipped_app_names
+
+    if all(e.name for e in entries):
+        return entries
+    shipped = shipped_app_names()
+    return [e if e.name or e.key not in shipped else replace(e, name=shipped[e.key]) for e in entries]
+
+
+def _collection_parts(folder: Path) -> list[Path]:
+    """The subfolders of a collection made of several (a snapshot, the CDN's shards: see
+    :func:`bannermatch.download.get_banners`), each with its own app list or snapshot marker; none when images or
+    archives lie in ``folder`` itself."""
+    from .steam import APP_NAMES_FILE
+
+    if any(p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or _is_tar(p.name) or p.suffix.lower() == ".zip")
+           for p in folder.iterdir()):
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.is_dir() and ((p / APP_NAMES_FILE).is_file() or (p / SNAPSHOT_MARKER).is_file()))
+
+
+def _combined(folder: Path, parts: list[Path]) -> ImageSource:
+    """One source over the parts, each listed with its own app list; a key held twice keeps the first part's."""
+    entries: list[Entry] = []
+    report = Report()
+    seen: set[str] = set()
+    for part in parts:
+        try:
+            source = open_source(part)
+        except BannermatchError as exc:  # an empty or unusable part: the others are the collection
+            log.warning("%s", exc)
+            report.skipped.append((str(part), str(exc)))
+            continue
+        report.skipped += source.report.skipped
+        report.duplicates += source.report.duplicates
+        for e in source.entries:
+            if e.key in seen:
+                report.duplicates.append((e.key, e.location))
+            else:
+                seen.add(e.key)
+                entries.append(e)
+    if not entries:
+        raise BannermatchError(f"no images found in {folder}")
+    return ImageSource(folder, entries, report)
 
 
 def _missing_snapshot_files(root: Path) -> list[str]:

@@ -176,3 +176,57 @@ def test_keep_on_the_squashed_snapshot_is_refused_in_one_line(tmp_path, tiny_wei
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "dino-2021 snapshot holds banners squashed to 224x224" in proc.stderr
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
+
+
+def test_first_run_reads_the_newest_snapshot_then_fetches_only_games_added_since(tmp_path, tiny_weights, monkeypatch,
+                                                                                 capsys):
+    """`bannermatch run` on a fresh machine: the snapshot (resumed after a cut), Steam's list, and CDN requests only
+    for app ids above the snapshot's newest; a second run asks nothing; --update asks only for what is new."""
+    from test_download import banner_path
+
+    from bannermatch import download, steam
+
+    in_snapshot = expected_ids("dinov2-2023")  # the 12 lowest ids
+    added = [a for a in IDS if a not in in_snapshot]  # 8 games released since, one of them without a banner
+    old_404 = "5"  # listed by Steam, older than the snapshot, no banner in it: never requested
+    listed = [{"appid": int(a), "name": APPS.get(a, "old demo")} for a in [*IDS, old_404]]
+    cdn_routes = {banner_path(a): jpeg(a, (300, 450)) for a in added[1:]}
+    monkeypatch.delenv(steam.API_KEY_ENV, raising=False)
+    monkeypatch.setattr(download, "SAMPLES_PER_SHARD", 4)
+    images = tmp_path / "banners"
+    common = ["run", "--images", str(images), "--model", "dino_vits16", "--arch", "embed_dim=48,depth=4,num_heads=3",
+              "--weights", str(tiny_weights), "--store", str(tmp_path / "store"), "--device", "cpu", "-k", "3",
+              "--out", str(tmp_path / "grid.png"), "--quiet"]
+    with serve(routes_for("dinov2-2023", build("dinov2-2023"), cut=True)) as mirror, \
+            serve({"/ISteamApps/GetAppList/v2/": json.dumps({"applist": {"apps": listed}}).encode()}) as api, \
+            serve(cdn_routes) as cdn:
+        monkeypatch.setenv(snapshots.MIRROR_ENV, mirror.url)
+        monkeypatch.setattr(steam, "STEAM_API", api.url)
+        assert main([*common, "--host", cdn.url]) == 0
+        fetched = sorted((path.split("/")[-2] for _, path, _ in cdn.gets("/steam/apps/")), key=int)
+        assert fetched == added  # nothing the snapshot holds, nothing older than it
+        assert len(api.gets("GetAppList")) == 1
+        printed = capsys.readouterr().out
+        assert "top-3 matches of 19 banners" in printed  # 12 from the snapshot + 7 from the CDN
+
+        seen = (len(mirror.gets()), len(api.gets()), len(cdn.gets()))
+        assert main([*common, "--host", cdn.url]) == 0  # complete: not one request
+        assert (len(mirror.gets()), len(api.gets()), len(cdn.gets())) == seen
+        assert main([*common, "--host", cdn.url, "--update"]) == 0  # Steam's list again; the 404 is recent
+        assert len(api.gets("GetAppList")) == 2 and len(cdn.gets()) == seen[2]
+    source = open_source(images)
+    assert sorted(source.keys, key=int) == sorted([*in_snapshot, *added[1:]], key=int)
+    assert source.names["227300"] == "Euro Truck Simulator 2"  # named although the snapshot carries no names
+
+
+def test_an_unreachable_snapshot_falls_back_to_the_cdn_in_one_line(tmp_path, monkeypatch, caplog):
+    from test_download import banner_path
+
+    from bannermatch.download import get_banners
+
+    monkeypatch.setenv(snapshots.MIRROR_ENV, closed_port_url())
+    with serve({banner_path(a): jpeg(a, (300, 450)) for a in IDS[:3]}) as cdn:
+        get_banners(tmp_path / "banners", app_list={a: APPS[a] for a in IDS[:3]}, host=cdn.url, progress=False)
+    lines = [r.getMessage() for r in caplog.records if "snapshot" in r.getMessage()]
+    assert len(lines) == 1 and "downloading the banners from the Steam CDN instead" in lines[0]
+    assert sorted(open_source(tmp_path / "banners").keys, key=int) == IDS[:3]

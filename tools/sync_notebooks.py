@@ -25,7 +25,7 @@ PROJECT_URL = runpy.run_path(str(ROOT / "bannermatch" / "defaults.py"))["PROJECT
 EXTRAS = {
     "match_steam_banners_with_DINO.ipynb": '"download"',
     "match_steam_banners_with_BEiT.ipynb": '"hf,download" if SOURCE == "hf" else "download"',
-    "download_steam_webdataset.ipynb": '"download" if DISTRIBUTOR == "multiprocessing" else "download,img2dataset"',
+    "download_steam_webdataset.ipynb": '"download,img2dataset" if ENGINE == "img2dataset" else "download"',
 }
 INSTALL_TAG = "install"
 PACKAGE_LINE = (f'PACKAGE = "git+{PROJECT_URL}"  # installed from here if missing: '
