@@ -303,10 +303,35 @@ def test_timm_and_hub_give_the_same_dino_features(tmp_path, monkeypatch):
             torch.testing.assert_close(a_patches, b_patches, rtol=1e-4, atol=1e-4)
 
 
-def test_cached_hub_checkouts_are_found_offline(tmp_path, monkeypatch):
-    """`facebookresearch/dinov2` is cached as `facebookresearch_dinov2_main`: named with its ref, nothing asks GitHub."""
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    for name in ("dino_vitb16", "dinov2_vits14", "dinov2_vitb14_reg4"):
-        repo, _ = backbones_mod.get_spec(name).hub
-        assert repo.endswith(":main")
-        assert backbones_mod.hub_checkout(repo).name in ("facebookresearch_dino_main", "facebookresearch_dinov2_main")
+def test_a_warm_dinov2_hub_cache_needs_no_network(tmp_path, monkeypatch):
+    """Bug: `facebookresearch/dinov2` is cached as `facebookresearch_dinov2_main`; looked for under another name, a
+    warm cache still demanded github.com. Registers are left out of the patch tokens by DINOv2's own API."""
+    import socket
+
+    repo = tmp_path / "hub" / "facebookresearch_dinov2_main"
+    repo.mkdir(parents=True)
+    (repo / "hubconf.py").write_text(  # DINOv2's hub API: get_intermediate_layers -> (patches, class token)
+        "import timm\n"
+        "class DinoV2(timm.models.vision_transformer.VisionTransformer):\n"
+        "    num_register_tokens = 4\n"
+        "    def get_intermediate_layers(self, x, n=1, return_class_token=False, norm=True):\n"
+        "        x = self._pos_embed(self.patch_embed(x))\n"
+        "        out = []\n"
+        "        for i, blk in enumerate(self.blocks):\n"
+        "            x = blk(x)\n"
+        "            if len(self.blocks) - i <= n: out.append(self.norm(x))\n"
+        "        return [(o[:, 5:], o[:, 0]) for o in out]\n"
+        "def dinov2_vits14_reg(pretrained=True, **kw):\n"
+        "    return DinoV2(patch_size=14, embed_dim=48, depth=2, num_heads=3, num_classes=0, reg_tokens=4,\n"
+        "                  no_embed_class=True, dynamic_img_size=True)\n"
+    )
+
+    def no_network(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    backbone = create_model("dinov2_vits14_reg4", "hub")
+    cls, patches = backbone(torch.randn(1, 3, 224, 224), 1)[-1]
+    assert backbone.num_prefix_tokens == 5 and cls.shape == (1, 48) and patches.shape == (1, 256, 48)

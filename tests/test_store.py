@@ -91,7 +91,7 @@ def test_one_forward_pass_serves_every_strategy(banner_dir, tiny_weights, tmp_pa
     assert sorted(fs.recipe.strategy for fs in list_feature_sets(tmp_path)) == ["complex", "gem", "mean", "simple"]
 
 
-def test_only_new_and_changed_banners_are_embedded(banner_dir, tiny_weights, tmp_path, model_calls):
+def test_only_new_and_changed_banners_are_embedded(banner_dir, tiny_weights, tmp_path, model_calls, monkeypatch):
     d = tmp_path / "imgs"
     shutil.copytree(banner_dir, d)
     recipe = _recipe(tiny_weights)
@@ -107,6 +107,23 @@ def test_only_new_and_changed_banners_are_embedded(banner_dir, tiny_weights, tmp
     updated = _embed(d, recipe, tmp_path / "store", tiny_weights, chunk_size=8)
     assert sum(model_calls) == 3 + 2
     assert len(updated.keys) == 20 + 3 - 2 and not {"10", "70"} & set(updated.keys)
+
+    # an update interrupted after its first segment (a kill between writes) loses nothing: the rerun ends the same
+    for appid in ["910001", "910002", "910003", "910004", "910005"]:
+        draw_banner(700 + int(appid) % 100).save(d / f"{appid}.jpg")
+    real_add = FeatureStore.add_segment
+
+    def add_then_die(self, *args):
+        real_add(self, *args)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(FeatureStore, "add_segment", add_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            _embed(d, recipe, tmp_path / "store", tiny_weights, chunk_size=2)
+    model_calls.clear()
+    updated = _embed(d, recipe, tmp_path / "store", tiny_weights, chunk_size=8)
+    assert sum(model_calls) == 5 - 2  # the first segment of the killed update was kept
 
     scratch = _embed(d, recipe, tmp_path / "scratch", tiny_weights, chunk_size=8)
     assert updated.keys == scratch.keys
