@@ -239,36 +239,24 @@ def test_dinov2_original_checkpoint_with_its_518px_grid_loads_through_timm(tmp_p
         _assert_tokens(backbone, reference, images, 1 + registers)
 
 
-def test_beit_pt22k_from_hugging_face_keeps_its_trained_final_norm(tmp_path):
-    """The published pt22k is a BeitForMaskedImageModeling: its final norm is the top-level `layernorm`."""
-    from published import load_hf_state_dict, reference_vit_tokens, save_beit_pt22k_hf
+@pytest.mark.parametrize("model,layout", [("beit_base_pt22k", "beit_pt22k"), ("beit_base_pt22k_ft22k", "beit_ft")])
+def test_beit_from_hugging_face_keeps_every_trained_norm(tmp_path, model, layout):
+    """Loaded as the class it was published as: pt22k is a BeitForMaskedImageModeling whose tokens go through its
+    top-level `layernorm` and are mean-pooled with no (untrained) pooler; the fine-tuned one pools through its
+    trained `pooler.layernorm`."""
+    from published import (load_hf_state_dict, reference_beit_pooled, reference_vit_tokens, save_beit_ft_hf,
+                           save_beit_pt22k_hf)
 
-    folder = save_beit_pt22k_hf(tmp_path / "pt22k", BEIT_SIZES)
+    folder = (save_beit_pt22k_hf if layout == "beit_pt22k" else save_beit_ft_hf)(tmp_path / layout, BEIT_SIZES)
     state = load_hf_state_dict(folder)
-    backbone = create_model("beit_base_pt22k", "hf", weights=folder)
+    backbone = create_model(model, "hf", weights=folder)
     images = _images(224, 224)
     with torch.no_grad():
-        reference = reference_vit_tokens(state, images, 16, HEADS, "beit_pt22k")
+        reference = reference_vit_tokens(state, images, 16, HEADS, layout)
         _assert_tokens(backbone, reference, images, 1)
-        recipe = make_recipe("beit_base_pt22k", "mean", weights=folder)
-        mean = compute_features(backbone, images, recipe)  # mean of the normed patch tokens: no untrained pooler
-    torch.testing.assert_close(mean, torch.nn.functional.normalize(reference[-1][:, 1:].mean(1), dim=-1),
-                               rtol=1e-4, atol=1e-4)
-
-
-def test_beit_fine_tuned_from_hugging_face_pools_with_its_trained_norm(tmp_path):
-    from published import load_hf_state_dict, reference_beit_pooled, reference_vit_tokens, save_beit_ft_hf
-
-    folder = save_beit_ft_hf(tmp_path / "ft", BEIT_SIZES)
-    state = load_hf_state_dict(folder)
-    backbone = create_model("beit_base_pt22k_ft22k", "hf", weights=folder)
-    images = _images(224, 224)
-    with torch.no_grad():
-        reference = reference_vit_tokens(state, images, 16, HEADS, "beit_ft")
-        _assert_tokens(backbone, reference, images, 1)
-        mean = compute_features(backbone, images, make_recipe("beit_base_pt22k_ft22k", "mean", source="hf", weights=folder))
-    torch.testing.assert_close(mean, torch.nn.functional.normalize(reference_beit_pooled(state, reference[-1]), dim=-1),
-                               rtol=1e-4, atol=1e-4)
+        mean = compute_features(backbone, images, make_recipe(model, "mean", source="hf", weights=folder))
+    expected = reference[-1][:, 1:].mean(1) if layout == "beit_pt22k" else reference_beit_pooled(state, reference[-1])
+    torch.testing.assert_close(mean, torch.nn.functional.normalize(expected, dim=-1), rtol=1e-4, atol=1e-4)
 
 
 def test_timm_and_hub_give_the_same_dino_features(tmp_path, monkeypatch):
