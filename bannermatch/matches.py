@@ -84,7 +84,7 @@ def _load(features: FeatureSet, k: int, precision: str, backend: str) -> Matches
 
 def resolve_precision(precision: str, device) -> str:
     """``auto``: bf16 where the hardware multiplies it natively (there it ran about 2x faster than fp32 with the
-    same results after rescoring), fp32 elsewhere (emulated bf16 ran 6x slower on an AVX2 CPU; BENCHMARKS.md)."""
+    same results after rescoring), fp32 elsewhere (bf16 ran 4.5x slower on an AVX2 CPU; BENCHMARKS.md run 6)."""
     if precision != "auto":
         return precision
     dev = resolve_device(device)
