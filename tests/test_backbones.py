@@ -323,3 +323,13 @@ def test_a_warm_dinov2_hub_cache_needs_no_network(tmp_path, monkeypatch):
     backbone = create_model("dinov2_vits14_reg4", "hub")
     cls, patches = backbone(torch.randn(1, 3, 224, 224), 1)[-1]
     assert backbone.num_prefix_tokens == 5 and cls.shape == (1, 48) and patches.shape == (1, 256, 48)
+
+
+@pytest.mark.parametrize("capability,dtype", [((7, 5), "float16"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16")])
+def test_auto_precision_on_a_gpu_is_bf16_only_where_it_is_native(monkeypatch, capability, dtype):
+    """Bug: a T4 (compute capability 7.5) got bf16, which it only emulates (`is_bf16_supported()` counts emulation)."""
+    from bannermatch.recipe import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert resolve_dtype("auto", torch.device("cuda")) == dtype

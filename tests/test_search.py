@@ -162,3 +162,40 @@ def test_show_matches_draws_query_and_topk(banner_dir, tiny_weights, tmp_path):
     assert titles[0].startswith("QUERY\nEuro Truck Simulator 2") and "227300" in titles[0]
     assert all(any(APPS[k][:10] in t for k in APPS) for t in titles[1:])
     assert Image.open(tmp_path / "grid.png").size[0] > 500
+
+
+def test_saved_matches_follow_the_banners_bytes_and_the_search_settings(banner_dir, tiny_weights, tmp_path):
+    """Bug: saved matches were checked on the keys and k only, so re-embedding changed banners under the same app
+    ids, or asking for another precision, returned the old file."""
+    import shutil
+
+    from conftest import draw_banner
+
+    d = tmp_path / "imgs"
+    shutil.copytree(banner_dir, d)
+    recipe = _recipe(tiny_weights)
+    before = find_matches(extract_features(d, recipe, tmp_path / "store", tiny_weights, progress=False), 3,
+                          precision="float32")
+    shutil.copy(d / "570.jpg", d / "227300.jpg")  # same app ids, other bytes: 227300 now looks like Dota 2
+    draw_banner(4242).save(d / "620.jpg", quality=95)
+    fs = extract_features(d, recipe, tmp_path / "store", tiny_weights, progress=False)
+    after = find_matches(fs, 3, precision="float32")
+    fresh = find_matches(fs, 3, precision="float32", save=False)
+    np.testing.assert_array_equal(after.neighbours, fresh.neighbours)
+    assert after.of("227300")[0] == ("570", pytest.approx(1.0)) and before.of("227300")[0][0] != "570"
+    bf16 = find_matches(fs, 3, precision="bfloat16")
+    assert bf16.precision == "bfloat16" and bf16.path != after.path  # not answered from the fp32 file
+
+
+def test_an_image_query_is_decoded_like_a_stored_banner(banner_dir, tiny_weights, tmp_path):
+    """Bug: a PIL query went through .convert("RGB") (alpha over black, no EXIF rotation), a file through the
+    banners' decoder (alpha over white, rotated): the same picture gave two answers."""
+    fs = extract_features(banner_dir, _recipe(tiny_weights), tmp_path, tiny_weights, progress=False)
+    rgba = Image.open(banner_dir / "220.jpg").convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))  # half transparent
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90" orientation
+    rgba.save(tmp_path / "query.png", exif=exif)
+    from_file, from_pil = query(fs, [str(tmp_path / "query.png"), Image.open(tmp_path / "query.png")], k=5,
+                                weights=tiny_weights)
+    assert from_pil.matches == from_file.matches
