@@ -81,11 +81,6 @@ class Recipe:
         d["arch"] = tuple(sorted((d.get("arch") or {}).items()))
         return cls(**d)
 
-    def with_view(self, strategy: str, n_last_blocks: int | None = None, avgpool: bool | None = None) -> Recipe:
-        """The same pass read with another strategy (no new forward pass)."""
-        return make_recipe(self.model, strategy, self.preprocess, self.multiscale, self.source, None,
-                           n_last_blocks=n_last_blocks, avgpool=avgpool, arch=dict(self.arch), _weights_id=self.weights)
-
     def input_size(self) -> tuple[int, int]:
         """(height, width) of the model input."""
         spec = get_spec(self.model)
@@ -120,8 +115,6 @@ def make_recipe(
     n_last_blocks: int | None = None,
     avgpool: bool | None = None,
     arch: dict | None = None,
-    *,
-    _weights_id: str | None = None,
 ) -> Recipe:
     """Check the names, fill in defaults (source, `complex` blocks), hash local weights."""
     spec = get_spec(model)
@@ -143,8 +136,7 @@ def make_recipe(
             raise BannermatchError(f"n_last_blocks must be between 1 and {STORED_BLOCKS} (the blocks a pass stores)")
     else:
         n_last_blocks, avgpool = 1, False
-    weights_id = _weights_id if weights is None else weights_identity(weights)
-    return Recipe(model, strategy, preprocess, multiscale, source, weights_id, n_last_blocks, bool(avgpool),
+    return Recipe(model, strategy, preprocess, multiscale, source, weights_identity(weights), n_last_blocks, bool(avgpool),
                   tuple(sorted((arch or {}).items())))
 
 
