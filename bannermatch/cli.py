@@ -201,7 +201,8 @@ def add_core_commands(sub) -> None:
     add_recipe_options(p)
     p.add_argument("--batch-size", type=_positive,
                    help="images per batch (default: 64 on a GPU, about 4,096 tokens on a CPU: 20 for a /16 model)")
-    p.add_argument("--workers", type=int, help="image decoding processes (default: none on a CPU, up to 4 with a GPU)")
+    p.add_argument("--workers", type=int, help="image decoding processes (default: none on a CPU; with a GPU, as many "
+                   "as keep up with the model, timed on the first batches)")
     p.add_argument("--chunk-size", type=_positive, default=2048, help="images per saved chunk: the unit of resuming")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model: faster for thousands of banners, after 10-30 s of compiling")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable
@@ -245,6 +246,76 @@ def _collate(samples):
             "padded": sum(r == "padded" for _, _, x, r in samples if x is not None)}
 
 
+class _Pace:
+    """Seconds per image spent decoding (in this process) and in the model over the first batches: how many
+    decoding processes keep the model fed."""
+
+    WARMUP = 1  # the model's first call pays for its set-up
+    MEASURED = 2  # model batches timed after it
+    INLINE_SHARE = 0.1  # decoding in this process while it costs at most this share of the model's time
+
+    def __init__(self):
+        self.decode_s = self.model_s = 0.0
+        self.decoded_n = self.modelled_n = self.model_batches = 0
+
+    def decoded(self, n: int, seconds: float) -> None:
+        if n:
+            self.decode_s, self.decoded_n = self.decode_s + seconds, self.decoded_n + n
+
+    def modelled(self, n: int, seconds: float) -> None:
+        self.model_batches += 1
+        if self.model_batches > self.WARMUP:
+            self.model_s, self.modelled_n = self.model_s + seconds, self.modelled_n + n
+
+    @property
+    def ready(self) -> bool:
+        return self.model_batches >= self.WARMUP + self.MEASURED and self.decoded_n > 0
+
+    def workers(self, cpus: int) -> int:
+        """None while decoding is cheap beside the model; else as many processes as decode at the model's rate,
+        at most one per core."""
+        ratio = (self.decode_s / self.decoded_n) / max(self.model_s / self.modelled_n, 1e-9)
+        return 0 if ratio <= self.INLINE_SHARE else min(cpus, math.ceil(ratio))
+
+
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _decoded_batches(source: ImageSource, todo: list[int], stored: set[str], recipe: Recipe, batch_size: int,
+                     workers: int | None, pace: _Pace, pin_memory: bool = False):
+    """The batches of ``todo``, decoded by ``workers`` processes. With ``workers`` None, the first batches are
+    decoded in this process while ``pace`` (which the caller feeds with the model's time) compares decoding with
+    the model, and the rest by as many processes as the measurement asks for."""
+    def loader(todo, stored, workers):
+        return DataLoader(_Decoded(source, todo, stored, recipe), batch_size=batch_size, num_workers=workers,
+                          collate_fn=_collate, pin_memory=pin_memory, prefetch_factor=4 if workers else None)
+
+    if workers is not None:
+        yield from loader(todo, stored, workers)
+        return
+    batches = iter(loader(todo, stored, 0))
+    done, seen = set(), set()
+    while not pace.ready:
+        start = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            return
+        pace.decoded(len(batch["indices"]), time.perf_counter() - start)
+        done.update(batch["indices"], (i for i, _ in batch["settled"]), (i for i, _, _ in batch["skipped"]))
+        seen.update(batch["digests"], (d for _, d in batch["settled"]))
+        yield batch
+    workers = pace.workers(_usable_cpus())
+    log.info("decoding: %.1f ms an image, the model: %.1f ms; %s", 1e3 * pace.decode_s / pace.decoded_n,
+             1e3 * pace.model_s / pace.modelled_n, f"{workers} decoding processes" if workers else "decoding inline")
+    if workers == 0:
+        yield from batches
+        return
+    rest = [i for i in todo if i not in done]
+    if rest:
+        yield from loader(rest, stored | seen, workers)
+
+
 def extract_features(
     images: str | Path | ImageSource,
     recipe: Recipe,
@@ -266,7 +337,7 @@ def extract_features(
     new or changed, an interrupted run resumes. Unusable images are skipped with a warning and listed; the run
     goes on. ``dtype`` is the autocast precision (``auto``: bf16/fp16 where the hardware has it natively);
     ``batch_size`` defaults to :func:`~bannermatch.recipe.default_batch_size`; ``workers`` (decoding processes)
-    to none on a CPU, up to 4 with a GPU. ``compile`` runs the model through ``torch.compile``
+    to none on a CPU, and with a GPU to as many as keep up with the model, timed on the first batches. ``compile`` runs the model through ``torch.compile``
     (:class:`CompiledEmbedder`): worth it for thousands of images. ``limit`` embeds a reproducible random sample
     of that many banners (with the keys of ``include`` among them), to try a setting quickly; the sample's
     features are kept for the full run.
@@ -295,12 +366,11 @@ def extract_features(
         run_dtype = resolve_dtype(dtype, dev)
         stored = set(fstore.rows()) | set(fstore.manifest["failed"])
         batch_size = batch_size or default_batch_size(recipe, dev)
-        if workers is None:  # on a CPU the model's threads use every core already; a decoding process only
-            # preempts them (2 cores: 92% of model-only throughput with none, 86% with 2; BENCHMARKS.md)
-            workers = 0 if dev.type == "cpu" else min(4, os.cpu_count() or 1)
-        loader = DataLoader(_Decoded(source, todo, stored, recipe), batch_size=batch_size, num_workers=workers,
-                            collate_fn=_collate, pin_memory=dev.type == "cuda", persistent_workers=False,
-                            prefetch_factor=4 if workers else None)
+        if workers is None and dev.type == "cpu":  # the model's threads use every core already; a decoding
+            # process only preempts them (2 cores: 92% of model-only throughput with none, 86% with 2; BENCHMARKS.md)
+            workers = 0
+        pace = _Pace()
+        loader = _decoded_batches(source, todo, stored, recipe, batch_size, workers, pace, dev.type == "cuda")
         backbone = embed = None
         pending: dict[str, list] = {"entries": [], **{name: [] for name in COMPONENTS}}
         learnt: dict[str, str] = {}
@@ -343,9 +413,11 @@ def extract_features(
                         run["blocks"] = min(STORED_BLOCKS, backbone.depth)
                         embed = CompiledEmbedder(backbone, recipe, batch_size, run_dtype) if compile else (
                             lambda x: compute_components(backbone, x, recipe, run_dtype))
+                    start = time.perf_counter()
                     parts = embed(batch["images"].to(dev, non_blocking=True))
                     for name in COMPONENTS:
                         pending[name].append(parts[name].cpu().numpy())
+                    pace.modelled(len(batch["indices"]), time.perf_counter() - start)
                     for i, digest in zip(batch["indices"], batch["digests"]):
                         pending["entries"].append((source.entries[i].key, digest))
                         digest_of[i] = digest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from PIL import Image
 from bannermatch import BannermatchError, extract_features, find_matches, load_features, make_recipe, query
 from bannermatch import extraction
 from bannermatch.extraction import build_transform, compute_features, load_backbone
-from bannermatch.store import FeatureStore, list_feature_sets
+from bannermatch.sources import open_source
+from bannermatch.store import FeatureStore, content_digest, list_feature_sets
 
 from conftest import TINY_ARCH, draw_banner
 
@@ -252,6 +254,25 @@ def test_dataloader_workers_give_the_same_features(banner_dir, tiny_weights, tmp
     b = extract_features(banner_dir, recipe, tmp_path / "b", tiny_weights, workers=2, batch_size=3, chunk_size=7, progress=False)
     assert a.keys == b.keys
     np.testing.assert_allclose(a.features, b.features, atol=2e-3)  # stored as float16
+
+
+@pytest.mark.parametrize("model_ms, chosen", [(0.001, "2 decoding processes"), (1e4, "decoding inline")])
+def test_decoding_processes_follow_the_measured_pace(banner_dir, tiny_weights, monkeypatch, caplog, model_ms, chosen):
+    """With a GPU (``workers`` None) the first batches are decoded here and timed against the model's time, which
+    the caller reports: a model far faster than decoding gets decoding processes (at most one per core) for the
+    rest, a slow one keeps decoding inline. Every banner comes through once, with the digest of its bytes."""
+    monkeypatch.setattr(extraction, "_usable_cpus", lambda: 2)
+    source, recipe, pace = open_source(banner_dir), _recipe(tiny_weights), extraction._Pace()
+    todo = list(range(len(source)))
+    digests = {}
+    with caplog.at_level(logging.INFO, "bannermatch.extraction"):
+        for batch in extraction._decoded_batches(source, todo, set(), recipe, 3, None, pace):
+            assert not set(batch["indices"]) & digests.keys()
+            digests.update(zip(batch["indices"], batch["digests"]))
+            pace.modelled(len(batch["indices"]), model_ms / 1e3 * len(batch["indices"]))
+    assert sorted(digests) == todo
+    assert digests == {i: content_digest(Path(e.container).read_bytes()) for i, e in enumerate(source.entries)}
+    assert pace.model_batches == 7 and f"; {chosen}" in caplog.text
 
 
 def test_recipe_mismatch_is_refused(banner_dir, tiny_weights, tmp_path):
