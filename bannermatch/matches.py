@@ -42,13 +42,7 @@ class Matches:
 
     @property
     def path(self) -> Path:
-        """Where these matches are kept: one file per collection (a sample has its own), strategy, search setting
-        and exclusion, if any (never over the plain matches that find_matches reuses)."""
-        fs = self.features
-        name = f"{fs.recipe.view}.{self.precision}.{self.backend}.{fs.content_id}"
-        if self.excluded:
-            name += ".x" + hashlib.sha256(self.excluded.encode()).hexdigest()[:8]
-        return fs.path / "matches" / f"{name}.npz"
+        return matches_path(self.features, self.precision, self.backend, self.excluded)
 
     def of(self, key: str) -> list[tuple[str, float]]:
         i = self.features.index_of(key)
@@ -64,8 +58,17 @@ class Matches:
         return path
 
 
+def matches_path(fs: FeatureSet, precision: str, backend: str, excluded: str = "") -> Path:
+    """Where matches are kept: one file per collection (a sample has its own), strategy, search setting and
+    exclusion, if any (never over the plain matches that find_matches reuses)."""
+    name = f"{fs.recipe.view}.{precision}.{backend}.{fs.content_id}"
+    if excluded:
+        name += ".x" + hashlib.sha256(excluded.encode()).hexdigest()[:8]
+    return fs.path / "matches" / f"{name}.npz"
+
+
 def _load(features: FeatureSet, k: int, precision: str, backend: str) -> Matches | None:
-    path = Matches(features, np.zeros((0, 0)), np.zeros((0, 0)), precision, backend).path
+    path = matches_path(features, precision, backend)
     try:
         meta = json.loads(path.with_suffix(".json").read_text())
         if meta["features"] != features.content_id or meta["k"] < k:

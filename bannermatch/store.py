@@ -22,6 +22,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,7 @@ class FeatureSet:
     images: str = ""  # absolute path of the images the collection was listed from
     digests: list[str] = field(default_factory=list)  # sha256 (16 hex) of each banner's bytes
 
-    @property
+    @cached_property  # hashed once: every find_matches asks for it
     def content_id(self) -> str:
         """Identifies these exact features: the view, and every banner's key and bytes (keys matches)."""
         h = hashlib.sha256(f"{self.recipe.slug}\0{self.recipe.view}\n".encode())
