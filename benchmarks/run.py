@@ -30,8 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"vits16": "dino_vits16", "vitb16": "dino_vitb16", "vits8": "dino_vits8"}
 SEARCH_METHODS = ("ours fp32", "ours bf16", "faiss IndexFlatIP", "full N x N matrix")
-PARTS = ("embedding", "decode", "cpu-options", "search", "names")
-OPT_IN_PARTS = ("cpu-options",)  # needs the real-weights test dependencies and OpenVINO/NNCF: only with --only
+PARTS = ("embedding", "decode", "cpu-options", "gpu", "search", "names")
+OPT_IN_PARTS = ("cpu-options", "gpu")  # OpenVINO/NNCF and the real weights; a GPU: only with --only
 DECODE_SETS = {  # (width, height): what each image source delivers
     "300x450 JPEG (Steam CDN banner)": (300, 450),
     "600x900 JPEG (CDN original)": (600, 900),
@@ -110,12 +110,12 @@ def original_pipeline(images: list[Path], model: str, weights: Path, out: Path) 
     np.save(out, np.stack(feats), allow_pickle=False)
 
 
-def model_only(embed, recipe, batch_size: int, n: int, dtype: str = "float32") -> None:
-    """The model (and pooling) alone on already preprocessed batches: the ceiling for the whole pipeline.
-    ``embed`` is a backbone (run through ``compute_components``) or a ``CompiledEmbedder``."""
+def model_only(embed, recipe, batch_size: int, n: int, dtype: str = "float32", device="cpu") -> None:
+    """The model (and pooling) alone on already preprocessed batches (already on ``device``): the ceiling for
+    the whole pipeline. ``embed`` is a backbone (run through ``compute_components``) or a ``CompiledEmbedder``."""
     from bannermatch.extraction import CompiledEmbedder, compute_components
 
-    x = torch.randn(batch_size, 3, *recipe.input_size())
+    x = torch.randn(batch_size, 3, *recipe.input_size(), device=device)
     for start in range(0, n, batch_size):  # exactly n images, a short last batch included, as end to end
         batch = x[:min(batch_size, n - start)]
         embed(batch) if isinstance(embed, CompiledEmbedder) else compute_components(embed, batch, recipe, dtype)
@@ -446,13 +446,17 @@ def _machine() -> str:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    import faiss
     import timm
 
+    try:
+        import faiss
+        faiss_version = faiss.__version__
+    except ImportError:  # the GPU machine has none; only the CPU search comparison needs it
+        faiss_version = "none"
     mem = resource.getpagesize() * __import__("os").sysconf("SC_PHYS_PAGES") / 2**30
     load = " ".join(f"{x:.2f}" for x in __import__("os").getloadavg())
     return (f"{cpu}, {__import__('os').cpu_count()} cores, {mem:.0f} GiB; torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), timm {timm.__version__}, faiss {faiss.__version__}, "
+            f"({torch.get_num_threads()} threads), timm {timm.__version__}, faiss {faiss_version}, "
             f"numpy {np.__version__}, Python {platform.python_version()}; CUDA: {torch.cuda.is_available()}; "
             f"load average at start: {load}")
 
@@ -476,6 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images each CPU option embeds per repeat for its speed (default 60)")
     p.add_argument("--calibration-images", type=int, default=30,
                    help="images calibrating static int8 (other than the evaluated ones; default 30)")
+    p.add_argument("--device", default="cuda", help="the gpu part's device (default cuda; cpu runs the same code)")
+    p.add_argument("--gpu-images", type=int, default=4096,
+                   help="300x450 JPEGs (cut from real photos) the gpu part decodes and embeds (default 4096)")
+    p.add_argument("--gpu-batches", type=_csv(int), default=[64, 128, 256],
+                   help="batch sizes of the gpu part's model-only rows (default 64,128,256)")
     p.add_argument("--search-n", type=int, default=30_000, help="database size for the search benchmark (30000)")
     p.add_argument("--dims", type=_csv(int), default=[768, 1536], help="feature dimensions to search (768,1536)")
     p.add_argument("--search-methods", type=lambda s: s.split(","), default=list(SEARCH_METHODS),
@@ -492,8 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--skip-search", action="store_true")
     p.add_argument("--skip-names", action="store_true")
-    p.add_argument("--only", choices=PARTS, help="run this part alone (cpu-options runs only so: it needs the "
-                   "real-weights test dependencies, onnxruntime, openvino and nncf)")
+    p.add_argument("--only", choices=PARTS, help="run this part alone (cpu-options and gpu run only so: one needs "
+                   "the real-weights test dependencies, onnxruntime, openvino and nncf, the other a GPU)")
     p.add_argument("--search-worker", nargs=4, metavar=("METHOD", "FEATURES", "K", "OUT"), help=argparse.SUPPRESS)
     return p
 
@@ -526,6 +535,10 @@ def main(argv=None) -> int:
             from benchmarks.cpu_options import bench_cpu_options, print_cpu_options
 
             print_cpu_options(bench_cpu_options(args, Path(tmp)))
+        if not skip["gpu"]:
+            from benchmarks.gpu import bench_gpu, print_gpu
+
+            print_gpu(bench_gpu(args, Path(tmp)), args.search_n, args.k)
         if not skip["search"]:
             print_search(bench_search(args, Path(tmp)), args.search_n, args.k)
         if not skip["names"]:

@@ -48,6 +48,30 @@ def test_benchmark_prints_embedding_and_search_tables(capsys):
         assert float(cells[6]) >= (0.9 if "bf16" in cells[1] else 0.999)
 
 
+def test_gpu_part_runs_its_code_on_a_cpu(capsys, monkeypatch):
+    """The GPU benchmark is prepared for a lent GPU; on a CPU the same code runs and prints every row."""
+    from bannermatch import extraction
+
+    monkeypatch.setattr(extraction, "_usable_cpus", lambda: 2)  # its rows name counts of cores
+    main(["--only", "gpu", "--device", "cpu", "--gpu-images", "8", "--gpu-batches", "4", "--batch-size", "4",
+          "--repeats", "1", "--search-n", "300", "--dims", "16", "--search-repeats", "1", "-k", "5"])
+    out = capsys.readouterr().out
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| dino_vits16 |")]
+    assert [(r[1], r[2]) for r in rows] == [
+        ("model only", "float32, batch 4, fused attention"), ("model only", "float32, batch 4, plain attention"),
+        ("decode only", "main process"), ("decode only", "1 process"), ("decode only", "2 processes"),
+        ("end to end", "float32, batch 4, decoding processes as measured"),
+        ("end to end", "float32, batch 4, main process"), ("end to end", "float32, batch 4, 1 decoding process"),
+        ("end to end", "float32, batch 4, 2 decoding processes"),
+        ("end to end", "float32, batch 4, decoding processes as measured, 2 images")]
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+    assert re.search(r"dino_vits16: end to end with the measured decoding processes [\d.]+ img/s, [\d.]+ img/s past "
+                     r"the fixed costs: \d+% of the slower .*: bound by the model\.", out)
+    search = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| 16 |")]
+    assert [s[1] for s in search] == ["float32", "bfloat16"] and float(search[1][4]) >= 0.9
+    assert "## Embedding throughput" not in out and "All-vs-all exact" not in out  # the other parts stay off
+
+
 def test_clustered_features_are_unit_vectors_with_close_neighbours():
     x = clustered_features(400, 32, seed=3)
     assert x.shape == (400, 32) and x.dtype == np.float32
