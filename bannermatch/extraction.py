@@ -272,8 +272,8 @@ class _Pace:
         return self.model_batches >= self.WARMUP + self.MEASURED and self.decoded_n > 0
 
     def workers(self, cpus: int) -> int:
-        """None while decoding is cheap beside the model; else as many processes as decode at the model's rate,
-        at most one per core."""
+        """0 (decoding inline) while decoding is cheap beside the model; else as many processes as decode at the
+        model's rate, at most one per core."""
         ratio = (self.decode_s / self.decoded_n) / max(self.model_s / self.modelled_n, 1e-9)
         return 0 if ratio <= self.INLINE_SHARE else min(cpus, math.ceil(ratio))
 
@@ -337,8 +337,9 @@ def extract_features(
     new or changed, an interrupted run resumes. Unusable images are skipped with a warning and listed; the run
     goes on. ``dtype`` is the autocast precision (``auto``: bf16/fp16 where the hardware has it natively);
     ``batch_size`` defaults to :func:`~bannermatch.recipe.default_batch_size`; ``workers`` (decoding processes)
-    to none on a CPU, and with a GPU to as many as keep up with the model, timed on the first batches. ``compile`` runs the model through ``torch.compile``
-    (:class:`CompiledEmbedder`): worth it for thousands of images. ``limit`` embeds a reproducible random sample
+    to none on a CPU, and with a GPU to as many as keep up with the model, timed on the first batches.
+    ``compile`` runs the model through ``torch.compile`` (:class:`CompiledEmbedder`): worth it for thousands of
+    images. ``limit`` embeds a reproducible random sample
     of that many banners (with the keys of ``include`` among them), to try a setting quickly; the sample's
     features are kept for the full run.
     """
