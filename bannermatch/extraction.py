@@ -311,6 +311,7 @@ def _decoded_batches(source: ImageSource, todo: list[int], stored: set[str], rec
     if workers == 0:
         yield from batches
         return
+    del batches  # closes the inline reader's archive before the processes open theirs
     rest = [i for i in todo if i not in done]
     if rest:
         yield from loader(rest, stored | seen, workers)

@@ -245,12 +245,14 @@ class _DecodeDataset(torch.utils.data.Dataset):
 def decoder(dataset: _DecodeDataset, workers: int, batch_size: int):
     """A function that decodes every image once: in the main process (as extract_features with workers=0), or
     through a DataLoader whose workers are started here, not inside the timing (a real run starts them once
-    for thousands of images)."""
+    for thousands of images). Their first pass runs here to its end: workers left prefetching would decode in
+    the background of the next rows' timing."""
     if not workers:
         return lambda: [dataset[i] for i in range(len(dataset))] and None
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=torch.stack,
                                          prefetch_factor=4, persistent_workers=True)
-    next(iter(loader))
+    for _ in loader:
+        pass
     return lambda: [None for _ in loader] and None
 
 

@@ -256,23 +256,40 @@ def test_dataloader_workers_give_the_same_features(banner_dir, tiny_weights, tmp
     np.testing.assert_allclose(a.features, b.features, atol=2e-3)  # stored as float16
 
 
-@pytest.mark.parametrize("model_ms, chosen", [(0.001, "2 decoding processes"), (1e4, "decoding inline")])
-def test_decoding_processes_follow_the_measured_pace(banner_dir, tiny_weights, monkeypatch, caplog, model_ms, chosen):
+@pytest.mark.parametrize("model_ms, loaders", [(0.001, [0, 2]), (1e4, [0])])
+def test_decoding_processes_follow_the_measured_pace(tiny_weights, tmp_path, monkeypatch, caplog, model_ms, loaders):
     """With a GPU (``workers`` None) the first batches are decoded here and timed against the model's time, which
     the caller reports: a model far faster than decoding gets decoding processes (at most one per core) for the
-    rest, a slow one keeps decoding inline. Every banner comes through once, with the digest of its bytes."""
+    rest, a slow one keeps decoding inline. Every banner comes through once, copies of bytes seen before the
+    switch are settled after it, not embedded again, and a broken file is skipped."""
+    for i in range(12):
+        draw_banner(i).save(tmp_path / f"{100 + i}.jpg", quality=90)
+    for copy, of in (("102", "100"), ("112", "100"), ("114", "104")):  # bytes seen before, inline and after the switch
+        shutil.copy(tmp_path / f"{of}.jpg", tmp_path / f"{copy}.jpg")
+    for broken in ("103", "113"):  # bytes of their own: same broken bytes would be settled like any copy
+        (tmp_path / f"{broken}.jpg").write_bytes(b"\xff\xd8 not a jpeg " + broken.encode())
     monkeypatch.setattr(extraction, "_usable_cpus", lambda: 2)
-    source, recipe, pace = open_source(banner_dir), _recipe(tiny_weights), extraction._Pace()
-    todo = list(range(len(source)))
-    digests = {}
+    made = []  # the decoding processes of each DataLoader the batches come from
+    real_loader = extraction.DataLoader
+    monkeypatch.setattr(extraction, "DataLoader",
+                        lambda *a, **kw: made.append(kw["num_workers"]) or real_loader(*a, **kw))
+    source, recipe, pace = open_source(tmp_path), _recipe(tiny_weights), extraction._Pace()
+    embedded, settled, skipped, seen = {}, {}, {}, []
     with caplog.at_level(logging.INFO, "bannermatch.extraction"):
-        for batch in extraction._decoded_batches(source, todo, set(), recipe, 3, None, pace):
-            assert not set(batch["indices"]) & digests.keys()
-            digests.update(zip(batch["indices"], batch["digests"]))
+        for batch in extraction._decoded_batches(source, list(range(len(source))), set(), recipe, 3, None, pace):
+            seen += [*batch["indices"], *(i for i, _ in batch["settled"]), *(i for i, _, _ in batch["skipped"])]
+            embedded.update(zip(batch["indices"], batch["digests"]))
+            settled.update(batch["settled"])
+            skipped.update((i, reason) for i, _, reason in batch["skipped"])
             pace.modelled(len(batch["indices"]), model_ms / 1e3 * len(batch["indices"]))
-    assert sorted(digests) == todo
-    assert digests == {i: content_digest(Path(e.container).read_bytes()) for i, e in enumerate(source.entries)}
-    assert pace.model_batches == 7 and f"; {chosen}" in caplog.text
+    key = {e.key: i for i, e in enumerate(source.entries)}
+    digest = {k: content_digest((tmp_path / f"{k}.jpg").read_bytes()) for k in key}
+    assert made == loaders and ("2 decoding processes" if len(loaders) > 1 else "decoding inline") in caplog.text
+    assert sorted(seen) == list(range(15))  # every banner once
+    new = [k for k in map(str, range(100, 112)) if k not in ("102", "103")]
+    assert embedded == {key[k]: digest[k] for k in new}
+    assert settled == {key["102"]: digest["100"], key["112"]: digest["100"], key["114"]: digest["104"]}
+    assert sorted(skipped) == sorted([key["103"], key["113"]])
 
 
 def test_recipe_mismatch_is_refused(banner_dir, tiny_weights, tmp_path):
