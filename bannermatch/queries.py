@@ -106,10 +106,11 @@ def image_measures(features: FeatureSet, progress: bool = True) -> dict[str, dic
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         log.warning("%s is damaged; measuring the banners again", path)
         measures = {}
-    todo: dict[str, str] = {}  # key -> digest, one key per new digest (the same bytes are measured once)
+    first_key: dict[str, str] = {}  # new digest -> its first key: the same bytes are measured once
     for key, digest in zip(features.keys, features.digests):
-        if digest not in measures and digest not in todo.values():
-            todo[key] = digest
+        if digest not in measures:
+            first_key.setdefault(digest, key)
+    todo = {key: digest for digest, key in first_key.items()}
     if todo:
         for key, img in tqdm(iter_banners(features, todo), total=len(todo), desc="measuring banners", unit="img",
                              disable=not progress):
@@ -189,6 +190,11 @@ def duplicate_threshold(
     return threshold
 
 
+def _plain_matches(features: FeatureSet, matches: Matches | None, k: int, device: str | None) -> Matches:
+    """``matches`` when given and plain (filtered ones, an Exclusion's, lack pairs by design), else the top-``k``."""
+    return matches if matches is not None and not matches.excluded else find_matches(features, k, device)
+
+
 def near_pairs(features: FeatureSet, threshold: float, matches: Matches | None = None,
                device: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair of banners at cosine >= ``threshold``: ``(i, j, score)`` with i < j, as indices into the keys.
@@ -199,8 +205,7 @@ def near_pairs(features: FeatureSet, threshold: float, matches: Matches | None =
     n = len(features.keys)
     if n < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    # filtered matches (an Exclusion's) lack pairs by design: only plain ones will do
-    m = matches if matches is not None and not matches.excluded else find_matches(features, min(10, n - 1), device)
+    m = _plain_matches(features, matches, min(10, n - 1), device)
     hit = m.scores >= threshold
     rows, cols, scores = [np.nonzero(hit)[0]], [m.neighbours[hit]], [m.scores[hit]]
     full = np.flatnonzero(hit[:, -1]) if m.k < n - 1 else np.zeros(0, np.int64)
@@ -368,7 +373,7 @@ def find_unique(features: FeatureSet, n: int = 24, matches: Matches | None = Non
         raise BannermatchError("n must be at least 1")
     if len(features.keys) < 2:
         raise BannermatchError("ranking banners by their nearest neighbour needs at least two banners")
-    m = matches if matches is not None and not matches.excluded else find_matches(features, 1, device)
+    m = _plain_matches(features, matches, 1, device)
     order = np.argsort(m.scores[:, 0], kind="stable")
     return UniqueBanners(features, [features.keys[i] for i in order],
                          [features.keys[j] for j in m.neighbours[order, 0]], m.scores[order, 0].astype(np.float32), n)
@@ -496,6 +501,7 @@ class Exclusion:
         dev = resolve_device(device)
         db = torch.from_numpy(np.ascontiguousarray(self.features.features, np.float32)).to(dev)
         banned = torch.from_numpy(self.banned).to(dev)
+        group = torch.from_numpy(self.group).to(dev)
         out_idx = np.empty((len(queries), k), np.int64)
         out_val = np.empty((len(queries), k), np.float32)
         for start in range(0, len(queries), _ROWS):
@@ -504,7 +510,6 @@ class Exclusion:
             sims[:, banned] = -torch.inf
             if rows is not None:
                 own = torch.from_numpy(np.asarray(rows[start:start + _ROWS])).to(dev)
-                group = torch.from_numpy(self.group).to(dev)
                 same = (group[None, :] == group[own][:, None]) & (group[own][:, None] >= 0)
                 sims[same] = -torch.inf
                 sims[torch.arange(len(q), device=dev), own] = -torch.inf
