@@ -18,7 +18,7 @@ from bannermatch.cli import main
 from bannermatch.evaluate import transformed_copy
 from bannermatch.extraction import embed_images, load_backbone
 from bannermatch.gallery import write_report
-from bannermatch.queries import (DUPLICATE_EDITS, ISSUES, duplicate_threshold, exclusion, find_duplicates,
+from bannermatch.reports import (DUPLICATE_EDITS, ISSUES, duplicate_threshold, exclusion, find_duplicates,
                                  find_issues, find_unique, most_played)
 from conftest import APPS, TINY_ARCH, StaticServer, draw_banner
 
@@ -257,11 +257,11 @@ def test_each_detector_flags_the_banner_made_to_have_it_and_no_other(issues, iss
 
 
 def test_measures_are_cached_by_banner_content(planted, issues, monkeypatch, tmp_path):
-    import bannermatch.queries
+    import bannermatch.reports
 
     cache = json.loads((planted.path / "image_stats.json").read_text())
     assert set(cache["measures"]) == set(planted.digests)
-    monkeypatch.setattr(bannermatch.queries, "iter_banners", lambda *a, **k: pytest.fail("banners read again"))
+    monkeypatch.setattr(bannermatch.reports, "iter_banners", lambda *a, **k: pytest.fail("banners read again"))
     again = find_issues(planted, progress=False)
     assert again.flagged == issues.flagged
     assert issues.keys_with("dark", "placeholder") == {ISSUE_KEYS["dark"], *PLACEHOLDERS}
