@@ -55,7 +55,25 @@ def _weights(folder: Path) -> Path:
     return path
 
 
-def run_bannermatch(images: Path, work: Path, weights: Path, thresholds) -> dict:
+def dedupe_rows_off(fs, dups, truth: dict, k: int = 10) -> int:
+    """Rows of ``match --dedupe`` that differ from the truth's: each banner's top-k among the banners outside its
+    true group (every look-alike kept, only its own duplicates left out)."""
+    import bannermatch
+    from bannermatch.reports import exclusion
+
+    deduped = bannermatch.find_matches(fs, k, exclude=exclusion(fs, dups))
+    group_of = {key: set(g) for g in truth["groups"] for key in g}
+    sims = fs.features @ fs.features.T
+    off = 0
+    for i, key in enumerate(fs.keys):
+        own = group_of.get(key, {key})
+        allowed = np.array([other not in own for other in fs.keys])
+        ideal = np.sort(sims[i][allowed])[::-1][:k]
+        off += not np.allclose(deduped.scores[i], ideal, atol=1e-5)
+    return off
+
+
+def run_bannermatch(images: Path, work: Path, weights: Path, thresholds, truth: dict) -> dict:
     import bannermatch
     from bannermatch.reports import find_duplicates
 
@@ -75,7 +93,8 @@ def run_bannermatch(images: Path, work: Path, weights: Path, thresholds) -> dict
                        f"cos {dups.threshold:.3f}, hash {dups.hash_distance}"),
            "seconds": {"embed": embedded, "duplicates (first: measures + calibration)": first,
                        "duplicates (cached)": cached},
-           "calibration": dups.calibration, "sweep": {}}
+           "calibration": dups.calibration, "dedupe_off": dedupe_rows_off(fs, dups, truth), "rows": len(fs.keys),
+           "sweep": {}}
     for t in thresholds:
         d = find_duplicates(fs, t, matches=matches, progress=False)
         out["sweep"][f"cos {t:.3f}"] = {frozenset(p) for g in d.groups for p in itertools.combinations(g.keys, 2)}
@@ -138,7 +157,8 @@ def benchmark(kind: str, work: Path, originals: int) -> str:
     truth = catalogue.build(images, kind, originals=originals)
     weights = _weights(work)
     results = {
-        "bannermatch": run_bannermatch(images, work / kind, weights, [round(t, 3) for t in np.arange(0.90, 1.0001, 0.01)]),
+        "bannermatch": run_bannermatch(images, work / kind, weights, [round(t, 3) for t in np.arange(0.90, 1.0001, 0.01)],
+                                       truth),
         "imagededup PHash": run_imagededup(images, "PHash", range(0, 21, 2)),
         "imagededup DHash": run_imagededup(images, "DHash", range(0, 21, 2)),
         "cleanvision": run_cleanvision(images, (4, 6, 8, 10, 12, 16)),
@@ -165,14 +185,49 @@ def benchmark(kind: str, work: Path, originals: int) -> str:
                          + f" | {shown if label == 'default' else ''} |")
     cal = results["bannermatch"]["calibration"]
     lines += ["", f"bannermatch's threshold: {cal.threshold:.4f} ({cal.rule}); the calibration copies' recall at it "
-                  f"{cal.copy_recall:.2f}; embedding the catalogue took {results['bannermatch']['seconds']['embed']:.1f} s."]
+                  f"{cal.copy_recall:.2f}; embedding the catalogue took {results['bannermatch']['seconds']['embed']:.1f} s.",
+              f"`match --dedupe` (k=10): {results['bannermatch']['dedupe_off']} of {results['bannermatch']['rows']} rows "
+              "differ from each banner's top-10 outside its true group."]
     return "\n".join(lines)
+
+
+def at_scale(n: int, dim: int = 768, duplicate_share: float = 0.03, seed: int = 0) -> str:
+    """``find_duplicates`` on ``n`` synthetic banners beyond the stored matches: features (distinct directions, a
+    share of them with a near copy), their image measures (perceptual hashes: copies a few bits off) already in
+    the cache, the threshold given (what a cached calibration costs, plus one JSON read)."""
+    import bannermatch
+    from bannermatch.reports import find_duplicates
+    from bannermatch.reports.measures import _STATS_VERSION, STATS_FILE
+    from bannermatch.store import FeatureSet
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    copies = rng.choice(n, int(n * duplicate_share), replace=False)
+    x[copies] = x[rng.integers(0, n, len(copies))] + 0.1 * rng.normal(size=(len(copies), dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    hashes = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64)
+    with tempfile.TemporaryDirectory() as tmp:
+        keys = [str(100000 + i) for i in range(n)]
+        digests = [f"{i:016x}" for i in range(n)]
+        fs = FeatureSet(Path(tmp), bannermatch.make_recipe("dino_vitb16"), keys, x, digests=digests)
+        stats = {d: {"pixels": d, "phash": f"{int(h):016x}", "entropy": 4.0} for d, h in zip(digests, hashes)}
+        (Path(tmp) / STATS_FILE).write_text(json.dumps({"version": _STATS_VERSION, "measures": stats}))
+        t0 = time.perf_counter()
+        matches = bannermatch.find_matches(fs, 10, save=False)
+        searched = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        dups = find_duplicates(fs, 0.95, matches=matches, progress=False)
+        seconds = time.perf_counter() - t0
+    return (f"{n:,} banners, d={dim}: find_duplicates {seconds:.1f} s beyond the stored matches (top-10 search "
+            f"{searched:.1f} s); {len(dups.groups)} groups, {sum(len(g.keys) for g in dups.groups)} banners")
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kinds", nargs="+", default=["games", "wallpapers"], choices=("games", "wallpapers"))
+    p.add_argument("--kinds", nargs="*", default=["games", "wallpapers"], choices=("games", "wallpapers"))
     p.add_argument("--originals", type=int, default=300, help="distinct pictures per catalogue (at most)")
+    p.add_argument("--scale", type=int, nargs="*", default=[], metavar="N",
+                   help="also time find_duplicates on N synthetic banners (e.g. 30000)")
     p.add_argument("--work", type=Path, help="folder to keep the catalogues and stores in (default: a temporary one)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -181,6 +236,8 @@ def main(argv=None) -> None:
         work.mkdir(parents=True, exist_ok=True)
         for kind in args.kinds:
             print(benchmark(kind, work, args.originals), "\n", flush=True)
+    for n in args.scale:
+        print(at_scale(n), flush=True)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from ..display import show_grid
 from ..errors import BannermatchError
 from ..matches import Matches
 from ..store import FeatureSet
+from .issues import ISSUE_THRESHOLDS
 from .measures import image_measures
 from .neighbours import near_pairs, plain_matches
 from .tables import write_csv, write_json
@@ -63,21 +64,20 @@ def check_threshold(threshold: float) -> float:
 
 
 def _hash_bits(measures: dict[str, dict], keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Each banner's perceptual hash as uint64, and which banners have one (unreadable ones do not)."""
+    """Each banner's perceptual hash as uint64, and which banners have one that means something: not unreadable
+    ones, nor nearly flat ones (a low-information banner's few DCT bits follow a word or two of text, so two
+    different flat placeholders hash alike)."""
     hexes = [measures.get(key, {}).get("phash", "") for key in keys]
-    has = np.array([bool(h) for h in hexes])
+    flat = ISSUE_THRESHOLDS["low_information"]
+    has = np.array([bool(h) and measures[key]["entropy"] >= flat for key, h in zip(keys, hexes)])
     return np.array([int(h, 16) if h else 0 for h in hexes], np.uint64), has
 
 
 def _popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64, as uint8."""
     if hasattr(np, "bitwise_count"):  # numpy >= 2.0
-        return np.bitwise_count(x).astype(np.int64)
-    return np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(-1).astype(np.int64)
-
-
-def hash_distance_of(bits: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Bits that differ between the hashes of banners ``i`` and ``j`` (elementwise)."""
-    return _popcount(bits[i] ^ bits[j])
+        return np.bitwise_count(x)
+    return np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(-1, dtype=np.uint8)
 
 
 def hash_pairs(bits: np.ndarray, has: np.ndarray, max_distance: int, rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -86,11 +86,11 @@ def hash_pairs(bits: np.ndarray, has: np.ndarray, max_distance: int, rows: int =
     h = bits[idx]
     out_i, out_j = [], []
     for start in range(0, len(h), rows):
-        block = _popcount(h[start:start + rows, None] ^ h[None, :])
+        block = _popcount(h[start:start + rows, None] ^ h[None, start:])  # the upper triangle's rows
         a, b = np.nonzero(block <= max_distance)
-        keep = start + a < b
+        keep = a < b
         out_i.append(idx[start + a[keep]])
-        out_j.append(idx[b[keep]])
+        out_j.append(idx[start + b[keep]])
     if not out_i:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate(out_i), np.concatenate(out_j)
