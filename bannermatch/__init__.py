@@ -4,7 +4,7 @@ The pipeline, one module per concern: ``steam`` (app lists, names), ``snapshots`
 the banners), ``sources`` (reading them in place), ``backbones`` (models and their token layout), ``recipe``
 (what names a feature set), ``pooling`` (strategies), ``extraction`` (the forward pass over a collection),
 ``store`` (features kept per banner content), ``search`` (exact cosine top-k), ``matches`` (all-vs-all, cached),
-``query``, ``queries`` (duplicates, unique banners, issues, most played), ``display``, ``explorer``,
+``query``, ``reports`` (duplicates, unique banners, issues, most played), ``display``, ``explorer``,
 ``gallery``, ``evaluate``, ``cli``; ``defaults`` holds the shared defaults.
 """
 

@@ -67,19 +67,21 @@ def features_from_args(args):
     return load_features(path, recipe)
 
 
-def _cosine(text: str) -> float:
-    value = float(text)
-    if not -1.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError("a cosine similarity is between -1 and 1")
-    return value
+def _duplicate_threshold(text: str) -> float:
+    from .reports.duplicates import check_threshold
+
+    try:
+        return check_threshold(float(text))
+    except (ValueError, BannermatchError):
+        raise argparse.ArgumentTypeError(f"a duplicate threshold is a cosine similarity in (0, 1], not {text!r}") from None
 
 
 def _threshold(text: str) -> float | str:
-    return text if text == "auto" else _cosine(text)
+    return text if text == "auto" else _duplicate_threshold(text)
 
 
 def _issue_list(text: str) -> list[str]:
-    from .queries import ISSUES
+    from .reports import ISSUES
 
     issues = [i.strip() for i in text.split(",") if i.strip()]
     unknown = [i for i in issues if i not in ISSUES]
@@ -91,15 +93,15 @@ def _issue_list(text: str) -> list[str]:
 def add_exclusion_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("kept out of the matches")
     g.add_argument("--dedupe", nargs="?", const="auto", type=_threshold, metavar="T",
-                   help="leave out each query's own duplicates (`bannermatch duplicates`; T: the cosine threshold, "
-                        "default derived from copy detection)")
+                   help="leave out each query's own duplicates (`bannermatch duplicates`; T: the cosine threshold in "
+                        "(0, 1], default calibrated on the collection)")
     g.add_argument("--exclude-issues", type=_issue_list, metavar="ISSUE,...",
                    help="leave out banners with these issues (`bannermatch issues`), e.g. placeholder,dark")
 
 
 def exclusion_from_args(args, fs):
     """The Exclusion the options ask for, or None."""
-    from .queries import exclusion, find_duplicates, find_issues
+    from .reports import exclusion, find_duplicates, find_issues
 
     if not (args.dedupe or args.exclude_issues):
         return None
@@ -270,7 +272,7 @@ def cmd_evaluate(args) -> None:
 
 def add_evaluate_command(sub) -> None:
     from .backbones import SOURCES, list_models
-    from .evaluate import TRANSFORMS
+    from .evaluate import STRONG_EDITS, TRANSFORMS
     from .recipe import PREPROCESSING, STRATEGIES
 
     p = sub.add_parser("evaluate", help="compare settings: copy detection, franchise precision@k, agreement")
@@ -287,7 +289,7 @@ def add_evaluate_command(sub) -> None:
     p.add_argument("-k", type=_positive, default=10, help="neighbours for recall, precision and overlap (default: %(default)s)")
     p.add_argument("--queries", type=_positive, default=200, help="banners sampled for copy detection (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sample and edit seed (default: %(default)s)")
-    p.add_argument("--transforms", nargs="+", choices=list(TRANSFORMS), help="copy edits (default: all)")
+    p.add_argument("--transforms", nargs="+", choices=list(TRANSFORMS), help=f"copy edits (default: the strong ones, {' '.join(STRONG_EDITS)})")
     p.add_argument("--out", default=f"{DATA_DIR}/evaluation", help="folder for results.csv/.md/.png (default: %(default)s)")
     p.add_argument("--store", default=DEFAULT_STORE, help="feature store folder (default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: GPU if any)")
@@ -336,10 +338,11 @@ def _save_report(report, args) -> None:
 
 
 def cmd_duplicates(args) -> None:
-    from .queries import find_duplicates
+    from .reports import find_duplicates
 
     fs = features_from_args(args)
-    dups = find_duplicates(fs, args.threshold, weights=args.weights, device=args.device, progress=not args.quiet)
+    dups = find_duplicates(fs, args.threshold, weights=args.weights, device=args.device,
+                           hash_distance=args.hash_distance, progress=not args.quiet)
     for gi, group in enumerate(dups.groups[:args.list]):
         print(f"group {gi + 1}" + (" (identical pixels)" if group.exact else "") + ":")
         for key, score in zip(group.keys, group.scores):
@@ -348,7 +351,7 @@ def cmd_duplicates(args) -> None:
 
 
 def cmd_unique(args) -> None:
-    from .queries import find_unique
+    from .reports import find_unique
 
     fs = features_from_args(args)
     unique = find_unique(fs, args.n, device=args.device)
@@ -359,7 +362,7 @@ def cmd_unique(args) -> None:
 
 
 def cmd_issues(args) -> None:
-    from .queries import find_issues
+    from .reports import find_issues
 
     issues = find_issues(features_from_args(args), progress=not args.quiet)
     for issue, keys in issues.flagged.items():
@@ -370,7 +373,7 @@ def cmd_issues(args) -> None:
 
 
 def cmd_most_played(args) -> None:
-    from .queries import most_played
+    from .reports import most_played
 
     from .steam import load_app_names
 
@@ -385,8 +388,16 @@ def cmd_most_played(args) -> None:
     _save_report(report, args)
 
 
+def _hash_distance(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 64:
+        raise argparse.ArgumentTypeError("a hash distance is a number of bits from 0 to 64")
+    return value
+
+
 def add_report_commands(sub) -> None:
-    from .queries import CHARTS, STEAMSPY_API
+    from .reports import CHARTS, STEAMSPY_API
+    from .reports.duplicates import HASH_DISTANCE
     from .steam import STEAM_API
 
     def outputs(p, listed: bool = True) -> None:
@@ -401,12 +412,17 @@ def add_report_commands(sub) -> None:
         g.add_argument("--out", metavar="PNG", help="save the grid as a PNG")
         g.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("duplicates", help="groups of duplicate banners (identical pixels, or cosine >= a threshold)",
-                       description="Exact duplicates share decoded pixels; near duplicates are pairs at cosine >= "
-                                   "--threshold; groups are their connected components.")
-    p.add_argument("--threshold", type=_cosine, metavar="T",
-                   help="cosine threshold (default: the 5th percentile of the similarity edited copies keep to their "
-                        "original, measured once on these features; needs the features' --weights)")
+    p = sub.add_parser("duplicates", help="groups of duplicate banners (identical pixels, perceptual hash, cosine)",
+                       description="Banners are linked by identical decoded pixels, perceptual hashes within "
+                                   "--hash-distance bits, or cosine >= --threshold; inside each set of linked banners, "
+                                   "groups are formed by complete linkage (every member linked to every other).")
+    p.add_argument("--threshold", type=_duplicate_threshold, metavar="T",
+                   help="cosine threshold in (0, 1] (default: calibrated once on these features, halfway in distance "
+                        "between edited copies and each banner's nearest distinct neighbour; needs the features' "
+                        "--weights to embed the copies)")
+    p.add_argument("--hash-distance", type=_hash_distance, default=HASH_DISTANCE, metavar="BITS",
+                   help="perceptual hashes at most this many bits apart (of 64) are the same picture "
+                        "(default: %(default)s)")
     outputs(p)
     p.set_defaults(func=cmd_duplicates)
 
