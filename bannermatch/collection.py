@@ -15,8 +15,8 @@ from .defaults import DEFAULT_IMAGES
 from .download import download_banners, requested_apps
 from .errors import BannermatchError
 from .files import atomic_write
-from .snapshots import NEWEST, SNAPSHOTS, SnapshotUnavailable, fetch_snapshot, get_snapshot
-from .sources import CDN_FOLDER, COLLECTION_FILE, TAR_SUFFIXES, URL_TABLE, open_source, recorded_snapshot
+from .snapshots import NEWEST, SNAPSHOTS, SnapshotUnavailable, fetch_snapshot
+from .sources import CDN_FOLDER, COLLECTION_FILE, TAR_SUFFIXES, URL_TABLE, collection_record, open_source
 from .steam import STEAM_CDN, fetch_app_list
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,6 @@ def get_banners(folder=None, snapshot: str | None = "newest", update: bool = Fal
     cdn = folder / CDN_FOLDER
     snapshot = NEWEST if snapshot == "newest" else snapshot
     if snapshot:
-        get_snapshot(snapshot)  # an unknown name is the user's mistake, not a reason to fall back
         try:
             fetch_snapshot(snapshot, folder / snapshot, mirror=mirror, progress=progress)
         except SnapshotUnavailable as exc:
@@ -60,7 +59,8 @@ def get_banners(folder=None, snapshot: str | None = "newest", update: bool = Fal
         print(download_banners(cdn, app_list, host=host, update=update, progress=progress).summary())
         _record(folder, {"snapshot": None, "completed": time.time()})
         return folder
-    if not update and recorded_snapshot(folder) == snapshot:
+    record = collection_record(folder) or {}
+    if not update and record.get("snapshot") == snapshot and record.get("completed"):
         return folder  # the snapshot and what was new then: complete
     have = set(open_source(folder / snapshot).keys)
     try:
@@ -68,6 +68,8 @@ def get_banners(folder=None, snapshot: str | None = "newest", update: bool = Fal
     except BannermatchError as exc:  # offline, or Steam unreachable: the snapshot is a collection of its own
         log.warning("the games added since the %s snapshot could not be listed (%s); using the snapshot alone",
                     snapshot, str(exc).splitlines()[0])
+        if record.get("snapshot") != snapshot:  # the collection is this snapshot's now, completed on a later run
+            _record(folder, {"snapshot": snapshot, "completed": None})
         return folder
     newest = max(map(int, have), default=0)
     added = {a: n for a, n in listed.items() if a not in have and (app_list is not None or int(a) > newest)}

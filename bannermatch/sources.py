@@ -696,8 +696,9 @@ def index_collection(folder: str | Path) -> CollectionIndex | None:
     if not parts:
         return None
     report, left_out = Report(), []
-    chosen = recorded_snapshot(folder)
-    if chosen is not False:  # the collection was made from one snapshot (None: the CDN alone)
+    record = collection_record(folder)
+    if record is not None:  # the collection was made from one snapshot (None: the CDN alone)
+        chosen = record.get("snapshot")
         for part in [p for p in parts if _marker(p) is not None and _marker(p).get("name") != chosen]:
             why = (f"the collection in {folder} was made from " + (f"the {chosen} snapshot" if chosen else "the CDN alone")
                    + f" ({COLLECTION_FILE}); embed {part} on its own to use its banners")
@@ -755,15 +756,15 @@ def _precedence(part: Path) -> tuple:
     return (1 if part.name == CDN_FOLDER else 2), 0, part.name
 
 
-def recorded_snapshot(folder: Path) -> str | None | bool:
-    """The snapshot ``collection.json`` says the collection was made from (None: the CDN alone), or False
-    without a readable record (no run of :func:`~bannermatch.collection.get_banners` completed: every part is
-    used)."""
+def collection_record(folder: Path) -> dict | None:
+    """``collection.json``: the snapshot the collection is made from (``snapshot``, None for the CDN alone) and
+    when the games added since were last fetched (``completed``); None without a readable record (a folder
+    :func:`~bannermatch.collection.get_banners` did not make: every part is used)."""
     try:
         record = json.loads((folder / COLLECTION_FILE).read_text(encoding="utf-8"))
-        return record["snapshot"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _missing_snapshot_files(root: Path) -> list[str]:

@@ -185,3 +185,21 @@ def test_the_modules_that_get_the_banners_import_each_other_in_no_circle():
     assert [m for m in graph if reaches(m, m)] == []
     assert graph["sources"] & {"download", "snapshots", "collection", "fetch"} == set()
     assert "get_banners" not in vars(download) and "fetch_archive" not in vars(download)
+
+
+def test_a_snapshot_asked_for_while_steam_is_unreachable_is_the_collection_at_once(tmp_path, world, monkeypatch):
+    """The games added since it cannot be listed: the new snapshot alone is the collection until a later run
+    completes it, never the snapshot it replaced."""
+    from bannermatch.collection import get_banners
+
+    folder = tmp_path / "banners"
+    get_banners(folder, host=world.url, progress=False)
+    with monkeypatch.context() as offline:
+        offline.setattr(steam, "STEAM_API", closed_port_url())
+        get_banners(folder, snapshot="dino-2021", host=world.url, progress=False)
+    source = open_source(folder)
+    assert not [e for e in source.entries if "dinov2-2023" in e.container]
+    assert sorted(source.keys, key=int) == [*IDS[:8], *IDS[12:]]  # the CDN's games are its games too
+    get_banners(folder, snapshot="dino-2021", host=world.url, progress=False)  # Steam is back: completed
+    assert cdn_requests(world) == IDS[8:]
+    assert sorted(open_source(folder).keys, key=int) == IDS
