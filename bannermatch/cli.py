@@ -243,7 +243,10 @@ def cmd_run(args) -> None:
     from .steam import NetworkUnreachable
 
     out = Path(args.out or DEFAULT_GRID)
-    out.parent.mkdir(parents=True, exist_ok=True)  # before the work: the grid is its last step
+    try:  # before the work: the grid is its last step
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BannermatchError(f"cannot make the folder of the grid {out}: {exc.strerror or exc}") from None
     try:
         get_banners(args.images, None if args.snapshot == "none" else args.snapshot, args.update, args.host,
                     args.app_list, progress=not args.quiet)
