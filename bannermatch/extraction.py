@@ -340,9 +340,10 @@ def extract_features(
     ``batch_size`` defaults to :func:`~bannermatch.recipe.default_batch_size`; ``workers`` (decoding processes)
     to none on a CPU, and with a GPU to as many as keep up with the model, timed on the first batches.
     ``compile`` runs the model through ``torch.compile`` (:class:`CompiledEmbedder`): worth it for thousands of
-    images. ``limit`` embeds a reproducible random sample
-    of that many banners (with the keys of ``include`` among them), to try a setting quickly; the sample's
-    features are kept for the full run.
+    images. ``limit`` embeds a sample of that many banners
+    chosen by app id (:meth:`~bannermatch.sources.ImageSource.sample`: the same for the same ``limit``, with the
+    keys of ``include`` among them), to try a setting quickly; the sample's features are kept for the full run,
+    and the pass is read as the sample until the full collection is embedded.
     """
     from tqdm.auto import tqdm
 
@@ -352,7 +353,7 @@ def extract_features(
     if limit is not None:
         if limit < 1:
             raise BannermatchError("limit must be at least 1")
-        source = source.sample(limit, include=include)  # kept in the store; the stored collection stays whole
+        source = source.sample(limit, include=include)  # recorded as the sample; the stored collection stays whole
     fstore = FeatureStore.open(Path(store) / recipe.slug, recipe, create=True)
     fstore.rows()  # checks every segment's digest
     for file in fstore.damaged:
@@ -436,7 +437,9 @@ def extract_features(
                         "2:3 input; use crop or squash for them", padded)
         log.debug("embedded %d images in %.1f s", len(todo), time.perf_counter() - started)
     collection = _collection(fstore, source, digest_of, unread)
-    if not source.sampled and collection != fstore.manifest.get("collection"):  # a sample is not the collection
+    if source.sampled:  # a sample is not the collection: it is kept as the sample, read where no collection is
+        fstore.record({}, {}, sample=collection)
+    else:
         fstore.record({}, {}, collection)
     fstore.add_view(recipe)
     return fstore.feature_set(recipe, collection)
@@ -547,4 +550,5 @@ def _collection(fstore: FeatureStore, source: ImageSource, digest_of: dict[int, 
             entries.append([e.key, digest])
     return {"images": str(Path(source.path).resolve()), "entries": entries, "names": source.names,
             "skipped": skipped + [list(s) for s in source.report.skipped],
-            "duplicates": [list(d) for d in source.report.duplicates]}
+            "duplicates": [list(d) for d in source.report.duplicates],
+            **({"sample_of": source.sampled} if source.sampled else {})}
