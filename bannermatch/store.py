@@ -242,6 +242,9 @@ class FeatureStore:
     def record(self, identities: dict[str, str], failed: dict[str, str], collection: dict | None = None,
                sample: dict | None = None) -> None:
         """Save what a run learnt (listing identities, unusable images, the collection or the sample)."""
+        if not (identities or failed) and (collection is None or collection == self.manifest["collection"]) \
+                and (sample is None or sample == self.manifest.get("sample")):
+            return  # nothing new (a re-run): nothing to write, so a read-only store stays usable
         with self._updating():
             self._learn(identities, failed)
             if collection is not None:
