@@ -102,7 +102,7 @@ class FeatureSet:
         try:
             return self.index_map()[key]
         except KeyError:
-            raise BannermatchError(f"{key!r} is not in this feature set ({len(self.keys)} banners)") from None
+            raise BannermatchError(f"{key!r} is not in this feature set ({self.size})") from None
 
     def name(self, key: str) -> str:
         return self.names.get(key, "")

@@ -311,6 +311,9 @@ def test_a_sampled_pass_is_read_as_the_sample_until_the_collection_is_embedded(b
     assert loaded.keys == sample.keys and loaded.size == sample.size == "5 banners, a sample of 20"
     assert "holds only a sample (embed --limit) of 5 of 20 banners" in caplog.text
     assert [fs.size for fs in list_feature_sets(tmp_path)] == ["5 banners, a sample of 20"]
+    outside = next(p.stem for p in sorted(banner_dir.glob("*.jpg")) if p.stem not in sample.keys)
+    with pytest.raises(BannermatchError, match=r"not in this feature set \(5 banners, a sample of 20\)"):
+        query(loaded, outside)
     np.testing.assert_array_equal(find_matches(loaded, 2).neighbours, find_matches(sample, 2).neighbours)
     model_calls.clear()
     full = _embed(banner_dir, recipe, tmp_path, tiny_weights)

@@ -154,7 +154,8 @@ def test_writers_a_reader_and_a_killed_writer_leave_the_store_a_serial_run_makes
     serial = _by_key(extract_features(tmp_path / "all", recipe, tmp_path / "serial", tiny_weights, **EMBED))
 
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["bannermatch.extraction", "bannermatch.matches"])
+    # children fork from a server that imported these once: no torch or timm import per process
+    ctx.set_forkserver_preload(["bannermatch.extraction", "bannermatch.matches", "timm", "huggingface_hub", "tqdm.auto"])
     rng = random.Random(22)
     for trial in range(3):
         store, results = tmp_path / f"store{trial}", tmp_path / f"results{trial}"
