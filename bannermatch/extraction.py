@@ -358,6 +358,7 @@ def extract_features(
     fstore.rows()  # checks every segment's digest
     for file in fstore.damaged:
         log.warning("%s was changed or damaged since it was written; its banners are embedded again", file)
+    fstore.tidy()  # what a killed writer left (a segment it did not list) must not wait for the next change
     identities = {i: listing_identity(e) for i, e in enumerate(source.entries)}
     known = fstore.manifest["identities"]
     digest_of: dict[int, str] = {i: known[ident] for i, ident in identities.items()

@@ -260,6 +260,13 @@ class FeatureStore:
                 if entry not in self.manifest["views"]:
                     self.manifest["views"].append(entry)
 
+    def tidy(self) -> None:
+        """Set damaged segments aside and remove leftovers (:meth:`_tidy`) now, as a writer starts, where there
+        is a stored pass and the folder can be written."""
+        if (self.path / MANIFEST).exists() and os.access(self.path, os.W_OK):
+            with self._updating():
+                pass
+
     def _set_aside_damaged(self) -> None:
         """Move damaged segments out of the folder (a plain ``glob("seg_*.npz")`` would read them) into
         ``damaged/``; they are no longer listed. Under the lock."""
