@@ -279,7 +279,8 @@ def add_core_commands(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="autocast precision (default: bf16, or fp16 on GPUs without bf16, where native; else fp32)")
     p.add_argument("--limit", type=_positive, metavar="N",
-                   help="embed a reproducible random sample of N banners, to try a setting quickly")
+                   help="embed a sample of N banners chosen by app id (the same N, the same sample), to try a "
+                        "setting quickly; match/show/gallery read it until the whole collection is embedded")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_embed)
 

@@ -57,7 +57,7 @@ class Explorer(widgets.VBox):
         self.result: QueryResult | None = None
         self._backbone: tuple[tuple, object] | None = None  # (what it was built from, the model)
         self._thumbnails: OrderedDict[tuple[str, str], str | None] = OrderedDict()
-        labels = [f"{fs.recipe.label} ({len(fs.keys)} banners)" for fs in feature_sets]
+        labels = [f"{fs.recipe.label} ({fs.size})" for fs in feature_sets]
         labels = [lab if labels.count(lab) == 1 else f"{lab} {fs.path.name}" for lab, fs in zip(labels, feature_sets)]
         self.feature_set = widgets.Dropdown(options=list(zip(labels, range(len(feature_sets)))), description="features",
                                             layout=widgets.Layout(width="auto"))

@@ -340,9 +340,10 @@ def extract_features(
     ``batch_size`` defaults to :func:`~bannermatch.recipe.default_batch_size`; ``workers`` (decoding processes)
     to none on a CPU, and with a GPU to as many as keep up with the model, timed on the first batches.
     ``compile`` runs the model through ``torch.compile`` (:class:`CompiledEmbedder`): worth it for thousands of
-    images. ``limit`` embeds a reproducible random sample
-    of that many banners (with the keys of ``include`` among them), to try a setting quickly; the sample's
-    features are kept for the full run.
+    images. ``limit`` embeds a sample of that many banners
+    chosen by app id (:meth:`~bannermatch.sources.ImageSource.sample`: the same for the same ``limit``, with the
+    keys of ``include`` among them), to try a setting quickly; the sample's features are kept for the full run,
+    and the pass is read as the sample until the full collection is embedded.
     """
     from tqdm.auto import tqdm
 
@@ -352,11 +353,12 @@ def extract_features(
     if limit is not None:
         if limit < 1:
             raise BannermatchError("limit must be at least 1")
-        source = source.sample(limit, include=include)  # kept in the store; the stored collection stays whole
+        source = source.sample(limit, include=include)  # recorded as the sample; the stored collection stays whole
     fstore = FeatureStore.open(Path(store) / recipe.slug, recipe, create=True)
     fstore.rows()  # checks every segment's digest
     for file in fstore.damaged:
         log.warning("%s was changed or damaged since it was written; its banners are embedded again", file)
+    fstore.tidy()  # what a killed writer left (a segment it did not list) must not wait for the next change
     identities = {i: listing_identity(e) for i, e in enumerate(source.entries)}
     known = fstore.manifest["identities"]
     digest_of: dict[int, str] = {i: known[ident] for i, ident in identities.items()
@@ -440,7 +442,9 @@ def extract_features(
         first = "".join(f" (first: {what}: {why})" for what, why in collection["skipped"][:1])
         raise BannermatchError(f"none of the {len(source)} images in {source.path} could be used{first}; "
                                "see the warnings above")
-    if not source.sampled and collection != fstore.manifest.get("collection"):  # a sample is not the collection
+    if source.sampled:  # a sample is not the collection: it is kept as the sample, read where no collection is
+        fstore.record({}, {}, sample=collection)
+    else:
         fstore.record({}, {}, collection)
     fstore.add_view(recipe)
     return fstore.feature_set(recipe, collection)
@@ -551,4 +555,5 @@ def _collection(fstore: FeatureStore, source: ImageSource, digest_of: dict[int, 
             entries.append([e.key, digest])
     return {"images": str(Path(source.path).resolve()), "entries": entries, "names": source.names,
             "skipped": skipped + [list(s) for s in source.report.skipped],
-            "duplicates": [list(d) for d in source.report.duplicates]}
+            "duplicates": [list(d) for d in source.report.duplicates],
+            **({"sample_of": source.sampled} if source.sampled else {})}

@@ -1,12 +1,15 @@
 """Matches: the top-k neighbours of every banner of a feature set, computed once and kept beside the features.
 
-A saved result is reused only for the very same features (the view, and each banner's key and bytes: see
-:attr:`~bannermatch.store.FeatureSet.content_id`) and the same search settings, with at least the k asked for.
+A saved result is reused only for the very same features (the view, and each banner's key, bytes and the
+sha256 of the segment its features were read from: see :attr:`~bannermatch.store.FeatureSet.content_id`) and
+the same search settings, with at least the k asked for. Files are written under the store folder's lock and
+read under it shared; the store removes those of features it no longer holds.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -15,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BannermatchError
-from .files import atomic_write, file_digest
+from .files import atomic_write, file_digest, folder_lock
 from .recipe import cpu_has_bf16, gpu_has_bf16, resolve_device
 from .search import PRECISIONS, top_k_all_pairs, top_k_faiss
-from .store import FeatureSet
+from .store import MATCHES, FeatureSet
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +53,15 @@ class Matches:
 
     def save(self) -> Path:
         path = self.path
-        path.parent.mkdir(exist_ok=True)
-        atomic_write(path, lambda fh: np.savez(fh, neighbours=self.neighbours, scores=self.scores))
-        meta = {"k": self.k, "features": self.features.content_id, "sha256": file_digest(path),
-                **({"excluded": self.excluded} if self.excluded else {})}
-        atomic_write(path.with_suffix(".json"), lambda fh: fh.write(json.dumps(meta).encode()))
+        buffer = io.BytesIO()
+        np.savez(buffer, neighbours=self.neighbours, scores=self.scores)
+        data = buffer.getvalue()
+        meta = {"k": self.k, "features": self.features.content_id, "rows": self.features.rows_id,
+                "sha256": hashlib.sha256(data).hexdigest(), **({"excluded": self.excluded} if self.excluded else {})}
+        with folder_lock(self.features.path):  # the pair is written together; the store's tidying waits
+            path.parent.mkdir(exist_ok=True)
+            atomic_write(path, lambda fh: fh.write(data))
+            atomic_write(path.with_suffix(".json"), lambda fh: fh.write(json.dumps(meta).encode()))
         return path
 
 
@@ -64,20 +71,23 @@ def matches_path(fs: FeatureSet, precision: str, backend: str, excluded: str = "
     name = f"{fs.recipe.view}.{precision}.{backend}.{fs.content_id}"
     if excluded:
         name += ".x" + hashlib.sha256(excluded.encode()).hexdigest()[:8]
-    return fs.path / "matches" / f"{name}.npz"
+    return fs.path / MATCHES / f"{name}.npz"
 
 
 def _load(features: FeatureSet, k: int, precision: str, backend: str) -> Matches | None:
     path = matches_path(features, precision, backend)
+    if not path.parent.is_dir():
+        return None
     try:
-        meta = json.loads(path.with_suffix(".json").read_text())
-        if meta["features"] != features.content_id or meta["k"] < k:
-            return None
-        if file_digest(path) != meta["sha256"]:
-            log.warning("%s: stored matches were changed or damaged; computing them again", path)
-            return None
-        with np.load(path, allow_pickle=False) as data:
-            nb, sc = data["neighbours"], data["scores"]
+        with folder_lock(features.path, shared=True):  # the pair as one writer left it
+            meta = json.loads(path.with_suffix(".json").read_text())
+            if meta["features"] != features.content_id or meta["k"] < k:
+                return None
+            if file_digest(path) != meta["sha256"]:
+                log.warning("%s: stored matches were changed or damaged; computing them again", path)
+                return None
+            with np.load(path, allow_pickle=False) as data:
+                nb, sc = data["neighbours"], data["scores"]
     except (OSError, ValueError, KeyError):
         return None
     if nb.shape != sc.shape or len(nb) != len(features.keys):

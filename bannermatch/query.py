@@ -48,7 +48,7 @@ def resolve_key(features: FeatureSet, q: str, names: dict[str, str] | None = Non
         hits = search_names({k: v for k, v in names.items() if k in features.index_map()}, q, limit=5)
     if not hits:
         if q.isdigit():
-            raise BannermatchError(f"app id {q} is not in this feature set ({len(features.keys)} banners)")
+            raise BannermatchError(f"app id {q} is not in this feature set ({features.size})")
         raise BannermatchError(f"no game in this feature set has a name matching {q!r}")
     if len(hits) > 1:
         log.info("%r matches %s; using %s", q, ", ".join(f"{n} ({a})" for a, n in hits), hits[0][1])

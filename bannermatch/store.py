@@ -2,27 +2,35 @@
 
 ``store/<recipe.slug>/`` holds one forward pass (model, source, weights, preprocessing, multiscale):
 
-- ``seg_00000.npz`` ...: append-only segments of up to ``chunk_size`` banners: ``key``, ``digest`` (sha256 of the
-  image bytes, 16 hex digits) and the pooling components ``cls`` ``[n, blocks, D]``, ``mean`` and ``gem``
-  ``[n, D]`` (float16). Plain numpy: ``np.load(file, allow_pickle=False)["key"]``.
+- ``seg_<sha256>.npz`` ...: immutable segments of up to ``chunk_size`` banners, named by the first 16 hex digits
+  of their own sha256: ``key``, ``digest`` (sha256 of the image bytes, 16 hex digits) and the pooling components
+  ``cls`` ``[n, blocks, D]``, ``mean`` and ``gem`` ``[n, D]`` (float16). Plain numpy:
+  ``np.load(file, allow_pickle=False)["key"]``.
 - ``manifest.json``: the segments with their sha256, the precision each was computed in, the listing identity ->
-  digest cache (so unchanged images are not even read again), images that could not be used, and the current
-  *collection*: the (key, digest) of every banner of the last run's images, in order, with names.
+  digest cache (so unchanged images are not even read again), images that could not be used, the current
+  *collection* (the (key, digest) of every banner of the last full run's images, in order, with names) and the
+  last *sample* (``embed --limit``), which is read where no full collection was embedded yet.
+- ``matches/``: saved top-k neighbours (:mod:`bannermatch.matches`); ``damaged/``: segments found damaged, set aside.
+- ``.lock``: every change of the folder happens under an exclusive ``flock`` of it, on the manifest as it is on
+  disk then (several notebooks and commands can embed into one pass at once: each adds its segments, none
+  overwrites another's); a reader holds it shared while it reads the manifest and the segments it lists.
 
 A row is identified by the digest of its image bytes: a new or changed banner has a new digest and is embedded;
-an unchanged one is found; a removed one is no longer in the collection. Writes are atomic and the manifest is
-rewritten after each segment, so a killed run loses at most one segment's work; damaged segments are found by
-their digest and recomputed.
+an unchanged one is found; a removed one is no longer in the collection. Each segment is written and listed
+under the lock, so a killed run loses at most one segment's work and leaves nothing half-listed; damaged
+segments are found by their sha256, set aside and recomputed. Segment files the manifest does not list (a run
+killed between the two writes) and matches of features no longer stored are removed under the lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +38,7 @@ import numpy as np
 from . import __version__
 from .defaults import DEFAULT_STORE
 from .errors import BannermatchError
-from .files import atomic_write, file_digest
+from .files import atomic_write, file_digest, folder_lock
 from .pooling import COMPONENTS, needed_components, view
 from .recipe import Recipe
 from .sources import Entry
@@ -39,6 +47,8 @@ from .steam import NameIndex
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+MATCHES = "matches"  # saved matches (bannermatch.matches)
+DAMAGED = "damaged"  # segments found damaged, out of the way of glob("seg_*.npz")
 FORMAT_VERSION = 2
 _MANIFEST_KEYS = {"recipe", "segments", "identities", "failed", "views", "collection"}  # what every writer writes
 
@@ -70,14 +80,19 @@ class FeatureSet:
     skipped: list[list[str]] = field(default_factory=list)
     images: str = ""  # absolute path of the images the collection was listed from
     digests: list[str] = field(default_factory=list)  # sha256 (16 hex) of each banner's bytes
+    rows_id: str = ""  # the stored rows these features were read from (:meth:`FeatureStore.rows_id`)
+    sample_of: int = 0  # a sample (``embed --limit``) of a listing of this many banners; 0: the whole collection
 
-    @cached_property  # hashed once: every find_matches asks for it
+    @property
     def content_id(self) -> str:
-        """Identifies these exact features: the view, and every banner's key and bytes (keys matches)."""
-        h = hashlib.sha256(f"{self.recipe.slug}\0{self.recipe.view}\n".encode())
-        for key, digest in zip(self.keys, self.digests):
-            h.update(f"{key}\0{digest}\n".encode())
-        return h.hexdigest()[:16]
+        """Identifies these exact features (saved matches are keyed by it): the rows they were read from, each
+        banner's key, bytes and the sha256 of the segment that holds its features, and the view."""
+        return hashlib.sha256(f"{self.rows_id}\0{self.recipe.view}".encode()).hexdigest()[:16]
+
+    @property
+    def size(self) -> str:
+        """``20 banners``, or ``5 banners, a sample of 20``."""
+        return f"{len(self.keys)} banners" + (f", a sample of {self.sample_of}" if self.sample_of else "")
 
     def index_map(self) -> dict[str, int]:
         if getattr(self, "_index", None) is None or len(self._index) != len(self.keys):
@@ -88,7 +103,7 @@ class FeatureSet:
         try:
             return self.index_map()[key]
         except KeyError:
-            raise BannermatchError(f"{key!r} is not in this feature set ({len(self.keys)} banners)") from None
+            raise BannermatchError(f"{key!r} is not in this feature set ({self.size})") from None
 
     def name(self, key: str) -> str:
         return self.names.get(key, "")
@@ -102,12 +117,17 @@ class FeatureSet:
 
 
 class FeatureStore:
-    """One forward pass's stored components, opened (or created) for a recipe."""
+    """One forward pass's stored components, opened (or created) for a recipe.
+
+    ``manifest`` is this process's copy: every change re-reads the file under the folder's lock and adds to it
+    (:meth:`_updating`), and :meth:`feature_set` reads it again, so what other processes stored is never lost.
+    """
 
     def __init__(self, path: Path, manifest: dict):
         self.path = path
         self.manifest = manifest
         self._rows: dict[str, tuple[int, int]] | None = None
+        self._intact: set[tuple[str, str]] = set()  # (file, sha256) of segments checked: their files never change
         self.damaged: list[Path] = []  # segments found changed or damaged (their banners are embedded again)
 
     @classmethod
@@ -118,7 +138,8 @@ class FeatureStore:
                 raise BannermatchError(f"no feature set at {path} (no {MANIFEST}); run `bannermatch embed` first")
             path.mkdir(parents=True, exist_ok=True)
             manifest = {"format": FORMAT_VERSION, "library": __version__, "recipe": recipe.pass_dict(),
-                        "segments": [], "identities": {}, "failed": {}, "views": [], "collection": None}
+                        "segments": [], "identities": {}, "failed": {}, "views": [], "collection": None,
+                        "sample": None}
             return cls(path, manifest)
         manifest = _read_manifest(path)
         if recipe is not None and manifest["recipe"] != recipe.pass_dict():
@@ -128,18 +149,41 @@ class FeatureStore:
             raise BannermatchError(f"{path} holds features of another recipe ({diff}); choose another --store")
         return cls(path, manifest)
 
+    def _reread(self) -> None:
+        """The manifest as it is on disk now (another process may have changed it), if there is one."""
+        if (self.path / MANIFEST).exists():
+            self.manifest = _read_manifest(self.path)
+            self._rows = None
+
+    @contextlib.contextmanager
+    def _updating(self):
+        """A read-modify-write of the manifest: under the folder's exclusive lock, on the manifest as it is on
+        disk; damaged segments are set aside, leftovers removed, and the manifest written if it changed."""
+        with folder_lock(self.path):
+            self._reread()
+            before = json.dumps(self.manifest)
+            self.rows()  # damaged segments are left out of it: a change to write
+            self._set_aside_damaged()  # first: a recomputed segment may have the very bytes, and name, it had
+            yield
+            self._tidy()
+            if json.dumps(self.manifest) != before or not (self.path / MANIFEST).exists():
+                atomic_write(self.path / MANIFEST, lambda fh: fh.write(json.dumps(self.manifest).encode()))
+
     # ---------------------------------------------------------------------------------- rows
 
     def rows(self) -> dict[str, tuple[int, int]]:
         """digest -> (segment, row) of every intact stored banner. Damaged segments are left out (recomputed)."""
         if self._rows is None:
             self._rows = {}
+            self.damaged = []
             intact = []
             for seg in self.manifest["segments"]:
                 file = self.path / seg["file"]
-                if not (file.is_file() and file_digest(file) == seg["sha256"]):
-                    self.damaged.append(file)
-                    continue
+                if (seg["file"], seg["sha256"]) not in self._intact:
+                    if not (file.is_file() and file_digest(file) == seg["sha256"]):
+                        self.damaged.append(file)
+                        continue
+                    self._intact.add((seg["file"], seg["sha256"]))
                 intact.append(seg)
             self.manifest["segments"] = intact
             for s, seg in enumerate(intact):
@@ -150,43 +194,113 @@ class FeatureStore:
     def known(self, digest: str) -> bool:
         return digest in self.rows() or digest in self.manifest["failed"]
 
+    def rows_id(self, entries: list[list[str]]) -> str | None:
+        """Identifies the stored rows of ``entries`` ((key, digest) each): their keys, digests and the sha256 of
+        the segments that hold them; None if one is not stored."""
+        rows, segments = self.rows(), self.manifest["segments"]
+        h = hashlib.sha256(json.dumps(self.manifest["recipe"], sort_keys=True).encode())
+        for key, digest in entries:
+            if digest not in rows:
+                return None
+            h.update(f"{key}\0{digest}\0{segments[rows[digest][0]]['sha256']}\n".encode())
+        return h.hexdigest()[:16]
+
     def add_segment(self, entries: list[tuple[str, str]], components: dict[str, np.ndarray], run: dict,
                     identities: dict[str, str], failed: dict[str, str]) -> None:
-        """Write one segment (``entries``: (key, digest) per row) and record it with what the run learnt."""
-        rows = self.rows()
-        index = len(self.manifest["segments"])
-        file = f"seg_{index:05d}.npz"
-        while (self.path / file).exists():  # a segment of a killed run that never reached the manifest
-            index += 1
-            file = f"seg_{index:05d}.npz"
-        arrays = {"key": np.array([k for k, _ in entries], dtype=str),
-                  "digest": np.array([d for _, d in entries], dtype=str)}
+        """Write one segment (``entries``: (key, digest) per row) and record it with what the run learnt. Rows
+        another process stored meanwhile are left out: every banner is stored once."""
+        arrays = {}
         for name in COMPONENTS:
             values = components[name]
             if not np.all(np.isfinite(values)) or np.abs(values).max(initial=0) > np.finfo(np.float16).max:
                 raise BannermatchError(f"{self.path}: the model produced non-finite or out-of-range features")
             arrays[name] = values.astype(np.float16)
-        atomic_write(self.path / file, lambda fh: np.savez(fh, **arrays))
-        self.manifest["segments"].append({"file": file, "sha256": file_digest(self.path / file), "rows": len(entries),
+        with self._updating():
+            rows = self.rows()
+            new = [r for r, (_, digest) in enumerate(entries) if digest not in rows]
+            if new:
+                self._write_segment([entries[r] for r in new], {name: a[new] for name, a in arrays.items()}, run)
+            self._learn(identities, failed)
+
+    def _write_segment(self, entries: list[tuple[str, str]], arrays: dict[str, np.ndarray], run: dict) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, key=np.array([k for k, _ in entries], dtype=str),
+                 digest=np.array([d for _, d in entries], dtype=str), **arrays)
+        data = buffer.getvalue()
+        sha256 = hashlib.sha256(data).hexdigest()  # of the bytes written, never of what is at the name later
+        file = f"seg_{sha256[:16]}.npz"  # named by its bytes: no two writers pick one name for different rows
+        atomic_write(self.path / file, lambda fh: fh.write(data))
+        self._intact.add((file, sha256))
+        self.manifest["segments"].append({"file": file, "sha256": sha256, "rows": len(entries),
                                           "digests": [d for _, d in entries], **run})
         for r, (_, digest) in enumerate(entries):
-            rows[digest] = (len(self.manifest["segments"]) - 1, r)
-        self.record(identities, failed)
+            self._rows[digest] = (len(self.manifest["segments"]) - 1, r)
 
-    def record(self, identities: dict[str, str], failed: dict[str, str], collection: dict | None = None) -> None:
-        """Save what a run learnt (listing identities, unusable images, the collection) with the manifest."""
+    def _learn(self, identities: dict[str, str], failed: dict[str, str]) -> None:
         self.manifest["identities"].update(identities)
         self.manifest["failed"].update(failed)
-        if collection is not None:
-            self.manifest["collection"] = collection
-        atomic_write(self.path / MANIFEST, lambda fh: fh.write(json.dumps(self.manifest).encode()))
+
+    def record(self, identities: dict[str, str], failed: dict[str, str], collection: dict | None = None,
+               sample: dict | None = None) -> None:
+        """Save what a run learnt (listing identities, unusable images, the collection or the sample)."""
+        if not (identities or failed) and (collection is None or collection == self.manifest["collection"]) \
+                and (sample is None or sample == self.manifest.get("sample")):
+            return  # nothing new (a re-run): nothing to write, so a read-only store stays usable
+        with self._updating():
+            self._learn(identities, failed)
+            if collection is not None:
+                self.manifest["collection"] = collection
+            if sample is not None:
+                self.manifest["sample"] = sample
 
     def add_view(self, recipe: Recipe) -> None:
         """Remember a strategy that was asked for, so pickers (the explorer) list it."""
         entry = {"strategy": recipe.strategy, "n_last_blocks": recipe.n_last_blocks, "avgpool": recipe.avgpool}
         if entry not in self.manifest["views"]:
-            self.manifest["views"].append(entry)
-            self.record({}, {})
+            with self._updating():
+                if entry not in self.manifest["views"]:
+                    self.manifest["views"].append(entry)
+
+    def tidy(self) -> None:
+        """Set damaged segments aside and remove leftovers (:meth:`_tidy`) now, as a writer starts, where there
+        is a stored pass and the folder can be written."""
+        if (self.path / MANIFEST).exists() and os.access(self.path, os.W_OK):
+            with self._updating():
+                pass
+
+    def _set_aside_damaged(self) -> None:
+        """Move damaged segments out of the folder (a plain ``glob("seg_*.npz")`` would read them) into
+        ``damaged/``; they are no longer listed. Under the lock."""
+        for file in self.damaged:
+            if file.is_file():
+                (self.path / DAMAGED).mkdir(exist_ok=True)
+                file.replace(self.path / DAMAGED / file.name)
+                log.warning("%s was changed or damaged: moved to %s", file, self.path / DAMAGED)
+        self.damaged = []
+
+    def _tidy(self) -> None:
+        """Remove what nothing reads any more; under the lock, where no write is half done: segment files the
+        manifest does not list (a run killed between writing one and listing it), temporary files of killed
+        writes, and matches of features that are neither the collection's nor the sample's."""
+        listed = {seg["file"] for seg in self.manifest["segments"]}
+        for file in [*self.path.glob("seg_*"), *self.path.glob(f"{MANIFEST}.tmp*")]:
+            if file.name not in listed:
+                file.unlink(missing_ok=True)
+        matches = self.path / MATCHES
+        if not matches.is_dir():
+            return
+        current = {self.rows_id(c["entries"]) for c in (self.manifest["collection"], self.manifest.get("sample")) if c}
+        kept = set()
+        for meta in matches.glob("*.json"):
+            try:
+                rows_id = json.loads(meta.read_text()).get("rows")
+            except (OSError, ValueError, AttributeError):
+                rows_id = None
+            if rows_id is not None and rows_id in current:
+                kept.add(meta.name[:-len(".json")])
+        for file in matches.iterdir():
+            if file.is_file() and (file.name.rsplit(".", 1)[0] not in kept or file.suffix not in (".npz", ".json")):
+                file.unlink(missing_ok=True)
 
     # ---------------------------------------------------------------------------------- reading
 
@@ -212,8 +326,17 @@ class FeatureStore:
         return out
 
     def feature_set(self, recipe: Recipe, collection: dict | None = None) -> FeatureSet:
-        """The features of the stored collection (or of ``collection``: a sample) under ``recipe``'s strategy."""
+        """The features of the stored collection (or of ``collection``) under ``recipe``'s strategy; where only a
+        sample was embedded, of the sample, with a warning. Read under the folder's shared lock: one state."""
+        with folder_lock(self.path, shared=True):
+            self._reread()
+            return self._feature_set(recipe, collection)
+
+    def _feature_set(self, recipe: Recipe, collection: dict | None) -> FeatureSet:
         collection = collection or self.manifest.get("collection")
+        if not collection and (collection := self.manifest.get("sample")):
+            log.warning("%s holds only a sample (embed --limit) of %d of %d banners: reading the sample; embed "
+                        "without --limit for all", self.path, len(collection["entries"]), collection["sample_of"])
         if not collection:
             raise BannermatchError(f"{self.path} is incomplete (the last embed did not finish); run embed again to resume")
         keys = [k for k, _ in collection["entries"]]
@@ -232,7 +355,8 @@ class FeatureStore:
         features = view(comps, recipe).numpy() if keys else np.zeros((0, 0), np.float32)
         skipped = collection.get("skipped", [])
         return FeatureSet(self.path, recipe, keys, features, collection.get("names", {}), skipped,
-                          collection.get("images", ""), digests)
+                          collection.get("images", ""), digests, self.rows_id(collection["entries"]),
+                          collection.get("sample_of", 0))
 
 
 def _read_manifest(path: Path) -> dict:
@@ -262,7 +386,8 @@ def load_features(path: str | Path, recipe: Recipe | None = None) -> FeatureSet:
 
 
 def list_feature_sets(store: str | Path = DEFAULT_STORE) -> list[FeatureSet]:
-    """Every complete feature set under ``store``, once for each strategy that was asked for (explorer pickers)."""
+    """Every usable feature set under ``store`` (a pass that holds only a sample gives the sample, see
+    :attr:`FeatureSet.sample_of`), once for each strategy that was asked for (explorer pickers)."""
     out = []
     for manifest in sorted(Path(store).glob(f"*/{MANIFEST}")):
         try:

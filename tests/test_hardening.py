@@ -210,6 +210,11 @@ def stored(banner_dir, tiny_weights, tmp_path):
     return extract_features(banner_dir, recipe, tmp_path / "store", tiny_weights, workers=0, chunk_size=8, progress=False)
 
 
+def _segment(stored, i: int):
+    """The i-th segment the manifest lists (segments are named by their own sha256)."""
+    return stored.path / json.loads((stored.path / "manifest.json").read_text())["segments"][i]["file"]
+
+
 def _resave(path, **changes):
     with np.load(path) as data:
         arrays = {name: data[name] for name in data.files}
@@ -221,17 +226,17 @@ def _resave(path, **changes):
 
 def test_truncated_or_edited_files_get_a_clear_error(stored):
     manifest = stored.path / "manifest.json"
-    segment = stored.path / "seg_00001.npz"
+    segment = _segment(stored, 1)
     original = segment.read_bytes()
     segment.write_bytes(original[: len(original) // 2])
-    with pytest.raises(BannermatchError, match="seg_00001.npz was changed or damaged.*embed again"):
+    with pytest.raises(BannermatchError, match=f"{segment.name} was changed or damaged.*embed again"):
         load_features(stored.path)
     with np.load(io.BytesIO(original)) as data:
         cls = data["cls"].copy()
     cls[0, 0, 0] += 1  # a valid file with one edited number
     segment.write_bytes(original)
     _resave(segment, cls=cls)
-    with pytest.raises(BannermatchError, match="seg_00001.npz was changed"):
+    with pytest.raises(BannermatchError, match=f"{segment.name} was changed"):
         load_features(stored.path)
     segment.write_bytes(original)
     assert load_features(stored.path).keys == stored.keys
@@ -248,9 +253,10 @@ def test_truncated_or_edited_files_get_a_clear_error(stored):
 
 
 def test_damaged_segment_is_recomputed_on_rerun(stored, banner_dir, tiny_weights, caplog):
-    (stored.path / "seg_00000.npz").write_bytes(b"garbage")
+    segment = _segment(stored, 0)
+    segment.write_bytes(b"garbage")
     again = extract_features(banner_dir, stored.recipe, stored.path.parent, tiny_weights, workers=0, chunk_size=8, progress=False)
-    assert "seg_00000.npz was changed or damaged since it was written; its banners are embedded again" in caplog.text
+    assert f"{segment.name} was changed or damaged since it was written; its banners are embedded again" in caplog.text
     np.testing.assert_allclose(again.features, stored.features, atol=1e-6)
 
 
@@ -266,14 +272,14 @@ def test_edited_matches_are_recomputed(stored):
 def test_pickled_arrays_are_refused(stored):
     from bannermatch.files import file_digest
 
-    segment = stored.path / "seg_00000.npz"
+    segment = _segment(stored, 0)
     buf = io.BytesIO()
     np.savez(buf, key=np.array([{"a": 1}], dtype=object))  # a pickle inside, with a matching digest in the manifest
     segment.write_bytes(buf.getvalue())
     manifest = json.loads((stored.path / "manifest.json").read_text())
     manifest["segments"][0]["sha256"] = file_digest(segment)
     (stored.path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BannermatchError, match="seg_00000.npz is damaged"):
+    with pytest.raises(BannermatchError, match=f"{segment.name} is damaged"):
         load_features(stored.path)
 
 
