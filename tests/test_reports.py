@@ -113,14 +113,14 @@ def _entropy(fs, key: str) -> float:
 
 
 def _strength(fs, threshold: float) -> np.ndarray:
-    """Pairwise link strength as the report ranks links: identical pixels 3, pHash within HASH_DISTANCE bits 2
-    (between banners of more than one or two flat tones), else the cosine; linked when it is >= threshold."""
+    """Pairwise link strength as the report ranks links: identical pixels 3, pHash within HASH_DISTANCE bits 2,
+    else the cosine; but a nearly flat banner (one or two grey tones) only by its pixels. Linked when >= threshold."""
     sims = fs.features @ fs.features.T
     pixels, hashes = _pixels(fs), _phashes(fs)
     structured = [_entropy(fs, key) >= 1.5 for key in fs.keys]
     n = len(fs.keys)
-    return np.array([[3.0 if pixels[i] == pixels[j] else
-                      2.0 if structured[i] and structured[j] and hashes[i] - hashes[j] <= HASH_DISTANCE else sims[i, j]
+    return np.array([[3.0 if pixels[i] == pixels[j] else -np.inf if not (structured[i] and structured[j]) else
+                      2.0 if hashes[i] - hashes[j] <= HASH_DISTANCE else sims[i, j]
                       for j in range(n)] for i in range(n)])
 
 

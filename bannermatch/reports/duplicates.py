@@ -2,7 +2,8 @@
 
 Three kinds of link join two banners: identical decoded pixels, perceptual hashes at most ``hash_distance`` bits
 apart (re-encodes, resizes, tints: found in seconds without the model), and cosine similarity at least the
-threshold (what the hash misses: title strips, crops). Groups cannot chain: within each connected component of
+threshold (what the hash misses: title strips, crops). Nearly flat banners are linked by identical pixels alone.
+Groups cannot chain: within each connected component of
 links, banners are grouped by complete linkage, so every member is linked to every other member of its group.
 
 The default threshold is calibrated on the collection itself, from both sides (:func:`calibrate_threshold`):
@@ -63,14 +64,16 @@ def check_threshold(threshold: float) -> float:
     return float(threshold)
 
 
-def _hash_bits(measures: dict[str, dict], keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Each banner's perceptual hash as uint64, and which banners have one that means something: not unreadable
-    ones, nor nearly flat ones (a low-information banner's few DCT bits follow a word or two of text, so two
-    different flat placeholders hash alike)."""
-    hexes = [measures.get(key, {}).get("phash", "") for key in keys]
+def _link_inputs(measures: dict[str, dict], keys: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Each banner's decoded-pixel digest ("" if unreadable), perceptual hash as uint64, and whether it may be
+    linked by the hash or the cosine at all: not when it is nearly flat (under the low-information threshold),
+    since an empty picture's few DCT bits and its features both say only "empty": two different flat placeholders
+    hash alike and embed alike. Flat banners are linked by identical pixels alone."""
     flat = ISSUE_THRESHOLDS["low_information"]
-    has = np.array([bool(h) and measures[key]["entropy"] >= flat for key, h in zip(keys, hexes)])
-    return np.array([int(h, 16) if h else 0 for h in hexes], np.uint64), has
+    pixels = [measures.get(key, {}).get("pixels", "") for key in keys]
+    hexes = [measures.get(key, {}).get("phash", "") for key in keys]
+    structured = np.array([measures.get(key, {}).get("entropy", flat) >= flat for key in keys])
+    return pixels, np.array([int(h, 16) if h else 0 for h in hexes], np.uint64), structured
 
 
 def _popcount(x: np.ndarray) -> np.ndarray:
@@ -80,9 +83,11 @@ def _popcount(x: np.ndarray) -> np.ndarray:
     return np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(-1, dtype=np.uint8)
 
 
-def hash_pairs(bits: np.ndarray, has: np.ndarray, max_distance: int, rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Every pair (i < j) of hashed banners at most ``max_distance`` bits apart, a block of rows at a time."""
-    idx = np.flatnonzero(has)
+def hash_pairs(bits: np.ndarray, linkable: np.ndarray, max_distance: int,
+               rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair (i < j) of ``linkable`` banners whose hashes are at most ``max_distance`` bits apart, a block of
+    rows at a time."""
+    idx = np.flatnonzero(linkable)
     h = bits[idx]
     out_i, out_j = [], []
     for start in range(0, len(h), rows):
@@ -97,14 +102,14 @@ def hash_pairs(bits: np.ndarray, has: np.ndarray, max_distance: int, rows: int =
 
 
 def _nearest_distinct(features: FeatureSet, matches: Matches, pixels: list[str], bits: np.ndarray,
-                      has: np.ndarray, hash_distance: int) -> np.ndarray:
+                      linkable: np.ndarray, hash_distance: int) -> np.ndarray:
     """Each banner's cosine to its nearest stored neighbour that neither pixels nor the hash link to it (banners
     whose every stored neighbour is so linked are left out)."""
     nb, sc = matches.neighbours, matches.scores
     rows = np.repeat(np.arange(len(nb)), nb.shape[1]).reshape(nb.shape)
     pix = np.array(pixels, dtype=object)
     linked = (pix[rows] == pix[nb]) & (pix[rows] != "")
-    linked |= has[rows] & has[nb] & (_popcount(bits[rows] ^ bits[nb]) <= hash_distance)
+    linked |= linkable[rows] & linkable[nb] & (_popcount(bits[rows] ^ bits[nb]) <= hash_distance)
     free = ~linked
     first = free.argmax(axis=1)
     found = free.any(axis=1)
@@ -151,10 +156,9 @@ def calibrate_threshold(
     except (OSError, ValueError, KeyError, TypeError):
         pass
     measures = image_measures(features, progress)
-    pixels = [measures.get(key, {}).get("pixels", "") for key in features.keys]
-    bits, has = _hash_bits(measures, features.keys)
+    pixels, bits, linkable = _link_inputs(measures, features.keys)
     m = plain_matches(features, matches, min(10, n - 1), device)
-    distinct = _nearest_distinct(features, m, pixels, bits, has, hash_distance)
+    distinct = _nearest_distinct(features, m, pixels, bits, linkable, hash_distance)
     copies, true_index, _ = copy_features(features, weights, device, n_copies, seed, MILD_EDITS, progress,
                                           one_edit_each=True)
     copy_cos = np.sum(copies * features.features[true_index], axis=1)
@@ -301,21 +305,23 @@ def find_duplicates(
                    calibrate_threshold(features, weights, device, matches, hash_distance, progress=progress))
     threshold, n = calibration.threshold, len(features.keys)
     measures = image_measures(features, progress)
-    pixels = [measures.get(key, {}).get("pixels", "") for key in features.keys]
-    bits, has = _hash_bits(measures, features.keys)
-    hi, hj = hash_pairs(bits, has, hash_distance)
+    pixels, bits, linkable = _link_inputs(measures, features.keys)
+    hi, hj = hash_pairs(bits, linkable, hash_distance)
     ci, cj, _ = near_pairs(features, threshold, matches, device)
+    keep = linkable[ci] & linkable[cj]
+    ci, cj = ci[keep], cj[keep]
+    first: dict[str, int] = {}  # identical pixels: each banner linked to the first of its picture
+    pi, pj = np.array([(i, first.setdefault(p, i)) for i, p in enumerate(pixels) if p], np.int64).reshape(-1, 2).T
     groups = []
-    for component in _components(n, np.concatenate([hi, ci]), np.concatenate([hj, cj])):
+    for component in _components(n, np.concatenate([pi, hi, ci]), np.concatenate([pj, hj, cj])):
         x = features.features[component]
         cos = x @ x.T
         pix = np.array([pixels[i] for i in component], dtype=object)
         same = (pix[:, None] == pix[None, :]) & (pix[:, None] != "")
-        hashed = has[component]
-        close = hashed[:, None] & hashed[None, :] & (_popcount(bits[component][:, None] ^ bits[component][None, :])
-                                                     <= hash_distance)
-        # any link counts as close; identical pixels merge first, then hash links, then cosine
-        strength = np.where(same, 3.0, np.where(close, 2.0, cos))
+        both = linkable[component][:, None] & linkable[component][None, :]
+        close = both & (_popcount(bits[component][:, None] ^ bits[component][None, :]) <= hash_distance)
+        # any link counts; identical pixels merge first, then hash links, then the most similar pairs
+        strength = np.where(same, 3.0, np.where(close, 2.0, np.where(both, cos, -np.inf)))
         # banners of identical pixels are one node (placeholders: hundreds of app ids, one picture)
         labels = [p or f"unreadable {i}" for i, p in enumerate(pix)]
         _, first, node_of = np.unique(labels, return_index=True, return_inverse=True)
