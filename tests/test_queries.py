@@ -298,7 +298,7 @@ def test_most_played_against_a_fake_steam_api_and_cdn(planted, tiny_weights, tmp
     assert report.games[2].status.startswith("unavailable") and "404" not in report.games[2].status
     assert report.games[0].matches == query(fs, DISTINCT[4], k=4)[0].matches
     # the fetched banner, embedded here by hand: the same top-4, its original first
-    backbone = load_backbone(fs.recipe, tiny_weights, "cpu")
+    backbone = load_backbone(fs.recipe, tiny_weights, "cpu", "auto")  # the precision queries are embedded in
     feats = embed_images([Image.open(io.BytesIO(missing_banner)).convert("RGB")], fs.recipe, backbone)[0]
     sims = fs.features @ feats
     top = np.argsort(-sims)[:4]
