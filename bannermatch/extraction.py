@@ -2,8 +2,8 @@
 
 Extraction is batched and streamed (images are read, hashed, decoded and resized while the model runs), runs
 the model in its working precision (its weights in bf16 or fp16 where the hardware computes them natively),
-compiles it when the collection is large enough for compiling to pay, and writes each finished segment to the store at once, so an interrupted run resumes where it
-stopped and a re-run embeds only banners whose bytes are new.
+compiles it when the collection is large enough for compiling to pay, and writes each finished segment to the
+store at once, so an interrupted run resumes where it stopped and a re-run embeds only banners whose bytes are new.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def compile_break_even(model_seconds: float, device: torch.device, dtype: str) -
     """Images after which compiling has paid for itself: its seconds over the seconds it saves an image, from the
     eager model's measured ``model_seconds`` an image; None where compiling is not known to pay."""
     gain = COMPILE_GAINS.get((device.type, dtype))
-    if gain is None:
+    if gain is None or gain[1] <= 1:  # no faster compiled: it never pays
         return None
     seconds, speedup = gain
     return seconds / (model_seconds * (1 - 1 / speedup))

@@ -267,6 +267,8 @@ def test_compiling_pays_only_where_it_was_measured_to(monkeypatch):
     assert extraction.compile_break_even(0.010, torch.device("cpu"), "bfloat16") == pytest.approx(10_000)
     assert extraction.compile_break_even(0.010, torch.device("cpu"), "float32") is None  # AVX2: slower compiled
     assert extraction.compile_break_even(0.010, torch.device("cuda"), "bfloat16") is None  # unmeasured
+    monkeypatch.setattr(extraction, "COMPILE_GAINS", {("cpu", "bfloat16"): (20.0, 1.0)})
+    assert extraction.compile_break_even(0.010, torch.device("cpu"), "bfloat16") is None  # no faster: never
 
 
 def test_embedding_goes_on_eager_when_compiling_fails(banner_dir, tiny_weights, tmp_path, caplog, monkeypatch):
