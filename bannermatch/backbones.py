@@ -204,7 +204,7 @@ class Backbone(nn.Module):
 
     def in_precision(self, dtype: torch.dtype) -> Backbone:
         """The weights in ``dtype``, the precision the model computes in: no autocast, so no casts around every
-        operation (bf16 weights ran 1.35x autocast over fp32 weights on an AMX CPU; BENCHMARKS.md run 8). The
+        operation (bf16 weights ran 1.07-1.35x autocast over fp32 weights on an AMX CPU; BENCHMARKS.md run 8). The
         pooling norm stays in float32: the pooled components are accumulated in float32, as under autocast."""
         self.to(dtype)
         self.pool_norm.float()

@@ -101,11 +101,11 @@ def compute_features(backbone: Backbone, images: torch.Tensor, recipe: Recipe) -
 
 
 # torch.compile on each device and precision, as `python -m benchmarks --only embedding` measured it (BENCHMARKS.md
-# run 8, AMX CPU, bf16 weights): seconds of compiling (cold compiler cache) and the compiled model's speed-up over
-# the eager one, so it is chosen only past about 60,000-110,000 banners there. Where none is listed compiling is
-# not known to pay and is off unless asked for: on an AVX2 CPU the compiled fp32 model ran slower than the eager
-# one (run 7); on GPUs it is unmeasured.
-COMPILE_GAINS: dict[tuple[str, str], tuple[float, float]] = {("cpu", "bfloat16"): (22.0, 1.02)}
+# run 8, 2-core AMX CPU, bf16 weights, 2 threads): seconds of compiling (cold compiler cache) and the compiled
+# model's speed-up over the eager one, so it is chosen past about 8,000-15,000 banners there. Where none is listed
+# compiling is not known to pay and is off unless asked for: on an AVX2 CPU the compiled fp32 model ran slower
+# than the eager one (run 7); on GPUs it is unmeasured.
+COMPILE_GAINS: dict[tuple[str, str], tuple[float, float]] = {("cpu", "bfloat16"): (15.0, 1.09)}
 
 
 def compile_break_even(model_seconds: float, device: torch.device, dtype: str) -> float | None:
