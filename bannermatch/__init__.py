@@ -1,11 +1,12 @@
 """bannermatch: find Steam games whose store banners look alike, with self-supervised vision transformers.
 
-The pipeline, one module per concern: ``steam`` (app lists, names), ``snapshots`` and ``download`` (getting
-the banners), ``sources`` (reading them in place), ``backbones`` (models and their token layout), ``recipe``
-(what names a feature set), ``pooling`` (strategies), ``extraction`` (the forward pass over a collection),
-``store`` (features kept per banner content), ``search`` (exact cosine top-k), ``matches`` (all-vs-all, cached),
-``query``, ``queries`` (duplicates, unique banners, issues, most played), ``display``, ``explorer``,
-``gallery``, ``evaluate``, ``cli``; ``defaults`` holds the shared defaults.
+The pipeline, one module per concern: ``steam`` (app lists, names), ``fetch``, ``snapshots``, ``download``
+and ``collection`` (getting the banners), ``sources`` (reading them in place; the collection's index),
+``backbones`` (models and their token layout), ``recipe`` (what names a feature set), ``pooling``
+(strategies), ``extraction`` (the forward pass over a collection), ``store`` (features kept per banner
+content), ``search`` (exact cosine top-k), ``matches`` (all-vs-all, cached), ``query``, ``reports``
+(duplicates, unique banners, issues, most played), ``display``, ``explorer``, ``gallery``, ``evaluate``,
+``cli``; ``defaults`` holds the shared defaults.
 """
 
 __version__ = "0.2.0"

@@ -7,6 +7,8 @@ every model. Each registry entry carries its own preprocessing defaults (mean, s
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import functools
 import hashlib
 import logging
@@ -156,7 +158,11 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            # DINO's full training checkpoints keep their command line as an argparse.Namespace under "args":
+            # that one class is let through, for this load only (torch < 2.5 has no safe_globals: refused there)
+            allow = getattr(torch.serialization, "safe_globals", lambda _: contextlib.nullcontext())
+            with allow([argparse.Namespace]):
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise BannermatchError(f"weights not found: {path}") from None
     except Exception as exc:  # unpickling errors come in many types; all mean "not a plain tensor file"

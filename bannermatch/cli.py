@@ -15,19 +15,43 @@ from .steam import STEAM_CDN
 log = logging.getLogger("bannermatch")
 
 EXAMPLE_QUERY = "227300"  # Euro Truck Simulator 2, the original write-up's query
+DEFAULT_GRID = f"{DATA_DIR}/matches.png"  # `run`'s grid; its folder is made when missing
 
 
 # ------------------------------------------------------------------------------------------ shared options
 
 def _arch(text: str) -> dict:
-    """``depth=2,embed_dim=48`` -> {"depth": 2, "embed_dim": 48}"""
+    """``depth=2,embed_dim=48`` -> {"depth": 2, "embed_dim": 48}; sizes are numbers."""
     out = {}
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
         if not sep:
             raise argparse.ArgumentTypeError(f"expected key=value, got {item!r}")
-        out[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item.strip()}: an architecture size is a number") from None
+        out[key.strip()] = int(number) if number.is_integer() else number
     return out
+
+
+def _folder(text: str) -> str:
+    """A folder we may write into: it, or its nearest existing parent (it is created), is no file."""
+    path = Path(text)
+    existing = next(p for p in [path, *path.parents] if p.exists())  # "." or "/" at the latest
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{existing} is a file, not a folder")
+    return text
+
+
+def _new_file(text: str) -> str:
+    """A file we will write: checked before any work, so a long run never fails at its last step."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder; name a file")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"no folder {path.parent} to write {path.name} into; create it first")
+    return text
 
 
 def add_recipe_options(p: argparse.ArgumentParser) -> None:
@@ -45,7 +69,7 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-last-blocks", type=int, help="`complex`: CLS tokens of this many last blocks (1-4)")
     g.add_argument("--avgpool", action=argparse.BooleanOptionalAction, default=None, help="`complex`: add the mean patch token")
     g.add_argument("--arch", type=_arch, default=None, metavar="K=V,...", help="architecture overrides (tiny test models)")
-    p.add_argument("--store", default=DEFAULT_STORE, help="feature store folder (default: %(default)s)")
+    p.add_argument("--store", type=_folder, default=DEFAULT_STORE, help="feature store folder (default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: GPU if any)")
 
 
@@ -63,23 +87,45 @@ def features_from_args(args):
     recipe = recipe_from_args(args)
     path = Path(args.store) / recipe.slug
     if not path.exists():
-        raise BannermatchError(f"no features for {recipe.label} in {args.store}; run `bannermatch embed` first")
+        hint = _weights_hint(recipe, Path(args.store)) or "run `bannermatch embed` first"
+        raise BannermatchError(f"no features for {recipe.label} in {args.store}; {hint}")
     return load_features(path, recipe)
 
 
-def _cosine(text: str) -> float:
-    value = float(text)
-    if not -1.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError("a cosine similarity is between -1 and 1")
-    return value
+def _weights_hint(recipe, store: Path) -> str:
+    """When the store holds this recipe's pass with other weights: which, so the user passes the same --weights."""
+    import json
+
+    from .store import MANIFEST
+
+    asked = {k: v for k, v in recipe.pass_dict().items() if k != "weights"}
+    for manifest in sorted(store.glob(f"*/{MANIFEST}")):
+        try:
+            stored = json.loads(manifest.read_text())["recipe"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(stored, dict) and {k: v for k, v in stored.items() if k != "weights"} == asked:
+            if stored.get("weights"):
+                return f"they were embedded with local weights ({stored['weights']}): pass the same --weights"
+            return "they were embedded with the published weights: leave out --weights"
+    return ""
+
+
+def _duplicate_threshold(text: str) -> float:
+    from .reports.duplicates import check_threshold
+
+    try:
+        return check_threshold(float(text))
+    except (ValueError, BannermatchError):
+        raise argparse.ArgumentTypeError(f"a duplicate threshold is a cosine similarity in (0, 1], not {text!r}") from None
 
 
 def _threshold(text: str) -> float | str:
-    return text if text == "auto" else _cosine(text)
+    return text if text == "auto" else _duplicate_threshold(text)
 
 
 def _issue_list(text: str) -> list[str]:
-    from .queries import ISSUES
+    from .reports import ISSUES
 
     issues = [i.strip() for i in text.split(",") if i.strip()]
     unknown = [i for i in issues if i not in ISSUES]
@@ -91,15 +137,15 @@ def _issue_list(text: str) -> list[str]:
 def add_exclusion_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("kept out of the matches")
     g.add_argument("--dedupe", nargs="?", const="auto", type=_threshold, metavar="T",
-                   help="leave out each query's own duplicates (`bannermatch duplicates`; T: the cosine threshold, "
-                        "default derived from copy detection)")
+                   help="leave out each query's own duplicates (`bannermatch duplicates`; T: the cosine threshold in "
+                        "(0, 1], default calibrated on the collection)")
     g.add_argument("--exclude-issues", type=_issue_list, metavar="ISSUE,...",
                    help="leave out banners with these issues (`bannermatch issues`), e.g. placeholder,dark")
 
 
 def exclusion_from_args(args, fs):
     """The Exclusion the options ask for, or None."""
-    from .queries import exclusion, find_duplicates, find_issues
+    from .reports import exclusion, find_duplicates, find_issues
 
     if not (args.dedupe or args.exclude_issues):
         return None
@@ -117,6 +163,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be at least 0")
     return value
 
 
@@ -165,7 +218,10 @@ def _print_and_draw(fs, queries, k, out, weights=None, device=None, matches=None
         for key, score in r.matches:
             print(f"  {score:.3f}  {key:>8}  {fs.name(key)}")
     if out:
-        show_matches(fs, queries, k=k, results=results, save=out)
+        try:
+            show_matches(fs, queries, k=k, results=results, save=out)
+        except OSError as exc:
+            raise BannermatchError(f"cannot write the grid {out}: {exc.strerror or exc}") from None
         print(f"grid saved to {out}")
 
 
@@ -175,20 +231,34 @@ def cmd_show(args) -> None:
                     exclude=exclusion_from_args(args, fs))
 
 
+#: What `run` takes to work offline (the README promises these two)
+RUN_OFFLINE = ("work offline with `bannermatch run --images PATH --weights PATH`: banners you already have (a folder, "
+               "an archive or webdataset shards) and a local checkpoint")
+
+
 def cmd_run(args) -> None:
     """The main job: banners (a snapshot, then the CDN, unless --images holds banners already), features,
     matches, and the example query's grid."""
-    from .download import get_banners
+    from .collection import get_banners
     from .extraction import extract_features
     from .matches import find_matches
+    from .steam import NetworkUnreachable
 
-    get_banners(args.images, None if args.snapshot == "none" else args.snapshot, args.update, args.host,
-                args.app_list, progress=not args.quiet)
+    out = Path(args.out or DEFAULT_GRID)
+    try:  # before the work: the grid is its last step
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BannermatchError(f"cannot make the folder of the grid {out}: {exc.strerror or exc}") from None
+    try:
+        get_banners(args.images, None if args.snapshot == "none" else args.snapshot, args.update, args.host,
+                    args.app_list, progress=not args.quiet)
+    except NetworkUnreachable as exc:
+        raise exc.naming(RUN_OFFLINE) from None
     fs = extract_features(args.images, recipe_from_args(args), args.store, args.weights, args.device,
                           progress=not args.quiet, dtype=args.dtype)
     matches = find_matches(fs, args.k, args.device)
     print(f"top-{args.k} matches of {len(fs.keys)} banners saved in {fs.path}")
-    _print_and_draw(fs, args.queries, args.k, args.out, args.weights, args.device, matches)
+    _print_and_draw(fs, args.queries, args.k, out, args.weights, args.device, matches)
 
 
 def add_core_commands(sub) -> None:
@@ -201,7 +271,7 @@ def add_core_commands(sub) -> None:
     add_recipe_options(p)
     p.add_argument("--batch-size", type=_positive,
                    help="images per batch (default: 64 on a GPU, about 4,096 tokens on a CPU: 20 for a /16 model)")
-    p.add_argument("--workers", type=int, help="image decoding processes (default: none on a CPU; with a GPU, as many "
+    p.add_argument("--workers", type=_non_negative, help="image decoding processes (default: none on a CPU; with a GPU, as many "
                    "as keep up with the model, timed on the first batches)")
     p.add_argument("--chunk-size", type=_positive, default=2048, help="images per saved chunk: the unit of resuming")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
@@ -242,7 +312,7 @@ def add_core_commands(sub) -> None:
     p.add_argument("-k", type=_positive, default=10, help="neighbours per banner (default: %(default)s)")
     p.add_argument("--queries", nargs="+", default=[EXAMPLE_QUERY], help="what to show (default: %(default)s, Euro Truck Simulator 2)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="the model's working precision (default: native bf16/fp16, else fp32)")
-    p.add_argument("--out", default=f"{DATA_DIR}/matches.png", metavar="PNG", help="grid image (default: %(default)s)")
+    p.add_argument("--out", type=_new_file, metavar="PNG", help=f"grid image (default: {DEFAULT_GRID})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
@@ -250,7 +320,7 @@ def add_core_commands(sub) -> None:
     p.add_argument("queries", nargs="+", help="app ids, game names, image files or URLs")
     add_recipe_options(p)
     p.add_argument("-k", type=_positive, default=10)
-    p.add_argument("--out", metavar="PNG", help="save the grid as a PNG")
+    p.add_argument("--out", type=_new_file, metavar="PNG", help="save the grid as a PNG")
     add_exclusion_options(p)
     p.set_defaults(func=cmd_show)
 
@@ -272,7 +342,7 @@ def cmd_evaluate(args) -> None:
 
 def add_evaluate_command(sub) -> None:
     from .backbones import SOURCES, list_models
-    from .evaluate import TRANSFORMS
+    from .evaluate import STRONG_EDITS, TRANSFORMS
     from .recipe import PREPROCESSING, STRATEGIES
 
     p = sub.add_parser("evaluate", help="compare settings: copy detection, franchise precision@k, agreement")
@@ -289,9 +359,9 @@ def add_evaluate_command(sub) -> None:
     p.add_argument("-k", type=_positive, default=10, help="neighbours for recall, precision and overlap (default: %(default)s)")
     p.add_argument("--queries", type=_positive, default=200, help="banners sampled for copy detection (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sample and edit seed (default: %(default)s)")
-    p.add_argument("--transforms", nargs="+", choices=list(TRANSFORMS), help="copy edits (default: all)")
-    p.add_argument("--out", default=f"{DATA_DIR}/evaluation", help="folder for results.csv/.md/.png (default: %(default)s)")
-    p.add_argument("--store", default=DEFAULT_STORE, help="feature store folder (default: %(default)s)")
+    p.add_argument("--transforms", nargs="+", choices=list(TRANSFORMS), help=f"copy edits (default: the strong ones, {' '.join(STRONG_EDITS)})")
+    p.add_argument("--out", type=_folder, default=f"{DATA_DIR}/evaluation", help="folder for results.csv/.md/.png (default: %(default)s)")
+    p.add_argument("--store", type=_folder, default=DEFAULT_STORE, help="feature store folder (default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: GPU if any)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
@@ -311,7 +381,7 @@ def add_gallery_command(sub) -> None:
     p.add_argument("queries", nargs="*", help="app ids, game names or image files (default: every banner)")
     add_recipe_options(p)
     p.add_argument("-k", type=_positive, default=10, help="matches per query (default: %(default)s)")
-    p.add_argument("--out", default=f"{DATA_DIR}/gallery", help="output folder (default: %(default)s)")
+    p.add_argument("--out", type=_folder, default=f"{DATA_DIR}/gallery", help="output folder (default: %(default)s)")
     p.add_argument("--images", default="local", choices=("local", "cdn"),
                    help="local: thumbnails copied into the folder (works offline); cdn: link the Steam CDN")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -338,10 +408,11 @@ def _save_report(report, args) -> None:
 
 
 def cmd_duplicates(args) -> None:
-    from .queries import find_duplicates
+    from .reports import find_duplicates
 
     fs = features_from_args(args)
-    dups = find_duplicates(fs, args.threshold, weights=args.weights, device=args.device, progress=not args.quiet)
+    dups = find_duplicates(fs, args.threshold, weights=args.weights, device=args.device,
+                           hash_distance=args.hash_distance, progress=not args.quiet)
     for gi, group in enumerate(dups.groups[:args.list]):
         print(f"group {gi + 1}" + (" (identical pixels)" if group.exact else "") + ":")
         for key, score in zip(group.keys, group.scores):
@@ -350,7 +421,7 @@ def cmd_duplicates(args) -> None:
 
 
 def cmd_unique(args) -> None:
-    from .queries import find_unique
+    from .reports import find_unique
 
     fs = features_from_args(args)
     unique = find_unique(fs, args.n, device=args.device)
@@ -361,7 +432,7 @@ def cmd_unique(args) -> None:
 
 
 def cmd_issues(args) -> None:
-    from .queries import find_issues
+    from .reports import find_issues
 
     issues = find_issues(features_from_args(args), progress=not args.quiet)
     for issue, keys in issues.flagged.items():
@@ -372,7 +443,7 @@ def cmd_issues(args) -> None:
 
 
 def cmd_most_played(args) -> None:
-    from .queries import most_played
+    from .reports import most_played
 
     from .steam import load_app_names
 
@@ -387,8 +458,16 @@ def cmd_most_played(args) -> None:
     _save_report(report, args)
 
 
+def _hash_distance(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 64:
+        raise argparse.ArgumentTypeError("a hash distance is a number of bits from 0 to 64")
+    return value
+
+
 def add_report_commands(sub) -> None:
-    from .queries import CHARTS, STEAMSPY_API
+    from .reports import CHARTS, STEAMSPY_API
+    from .reports.duplicates import HASH_DISTANCE
     from .steam import STEAM_API
 
     def outputs(p, listed: bool = True) -> None:
@@ -396,19 +475,24 @@ def add_report_commands(sub) -> None:
         g = p.add_argument_group("output")
         if listed:
             g.add_argument("--list", type=_positive, default=20, metavar="N", help="print the first N (default: %(default)s)")
-        g.add_argument("--json", metavar="FILE", help="write the report as JSON")
-        g.add_argument("--csv", metavar="FILE", help="write the report as CSV, one row per banner")
-        g.add_argument("--gallery", metavar="DIR", help="write the report as a page of an HTML gallery folder")
+        g.add_argument("--json", type=_new_file, metavar="FILE", help="write the report as JSON")
+        g.add_argument("--csv", type=_new_file, metavar="FILE", help="write the report as CSV, one row per banner")
+        g.add_argument("--gallery", type=_folder, metavar="DIR", help="write the report as a page of an HTML gallery folder")
         g.add_argument("--images", default="local", choices=("local", "cdn"), help="gallery thumbnails (see `gallery`)")
-        g.add_argument("--out", metavar="PNG", help="save the grid as a PNG")
+        g.add_argument("--out", type=_new_file, metavar="PNG", help="save the grid as a PNG")
         g.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("duplicates", help="groups of duplicate banners (identical pixels, or cosine >= a threshold)",
-                       description="Exact duplicates share decoded pixels; near duplicates are pairs at cosine >= "
-                                   "--threshold; groups are their connected components.")
-    p.add_argument("--threshold", type=_cosine, metavar="T",
-                   help="cosine threshold (default: the 5th percentile of the similarity edited copies keep to their "
-                        "original, measured once on these features; needs the features' --weights)")
+    p = sub.add_parser("duplicates", help="groups of duplicate banners (identical pixels, perceptual hash, cosine)",
+                       description="Banners are linked by identical decoded pixels, perceptual hashes within "
+                                   "--hash-distance bits, or cosine >= --threshold; inside each set of linked banners, "
+                                   "groups are formed by complete linkage (every member linked to every other).")
+    p.add_argument("--threshold", type=_duplicate_threshold, metavar="T",
+                   help="cosine threshold in (0, 1] (default: calibrated once on these features, halfway in distance "
+                        "between edited copies and each banner's nearest distinct neighbour; needs the features' "
+                        "--weights to embed the copies)")
+    p.add_argument("--hash-distance", type=_hash_distance, default=HASH_DISTANCE, metavar="BITS",
+                   help="perceptual hashes at most this many bits apart (of 64) are the same picture "
+                        "(default: %(default)s)")
     outputs(p)
     p.set_defaults(func=cmd_duplicates)
 
@@ -439,7 +523,8 @@ def add_report_commands(sub) -> None:
 
 
 def cmd_download(args) -> None:
-    from .download import download_banners, fetch_archive
+    from .download import download_banners
+    from .fetch import fetch_archive
     from .steam import APP_NAMES_FILE, load_app_names, save_app_names
 
     if args.snapshot:
@@ -474,7 +559,7 @@ def add_download_command(sub) -> None:
                        epilog="Without --app-list/--appids: the list shipped with bannermatch (29,982 games with a "
                               "vertical banner in 2021), or the folder's saved list when resuming; with --update, "
                               f"Steam's current list (games only when {API_KEY_ENV} is set, every app otherwise).")
-    p.add_argument("output_dir", nargs="?", default=DEFAULT_IMAGES, help="shard folder (default: %(default)s)")
+    p.add_argument("output_dir", nargs="?", type=_folder, default=DEFAULT_IMAGES, help="shard folder (default: %(default)s)")
     apps = p.add_mutually_exclusive_group()
     apps.add_argument("--app-list", metavar="FILE", help="{appid: name} JSON, or a saved GetAppList answer")
     apps.add_argument("--appids", nargs="+", metavar="ID", help="just these app ids")

@@ -1,4 +1,4 @@
-"""Download Steam's vertical banners as webdataset shards, or fetch the older archive release.
+"""Download Steam's vertical banners from the CDN as webdataset shards.
 
 Two engines write the same folder, so either can resume or update what the other started:
 
@@ -50,13 +50,12 @@ from pathlib import Path
 
 from .errors import BannermatchError
 from .files import atomic_write
+from .sources import REPORT_FILE, URL_TABLE, SkipImage, decode_image
 from .steam import (APP_NAMES_FILE, STEAM_CDN, NetworkUnreachable, banner_url, fetch_app_list, load_app_names,
                     parse_app_list, save_app_names, shipped_app_names)
 
 log = logging.getLogger(__name__)
 
-URL_TABLE = "banner_urls.parquet"
-REPORT_FILE = "download_report.json"
 STATE_FILE = "download_state.json"
 IMAGE_SIZE = 256  # short side: 300x450 banners become 256x384
 SAMPLES_PER_SHARD = 1000  # the unit of resumption: ~30 shards for the 30k games with a vertical banner
@@ -67,7 +66,6 @@ DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
 _SHARD_DIGITS = 5  # img2dataset's oom_shard_count: shards are named 00000.tar, 00000_stats.json, ...
 _NOT_FOUND = "HTTP Error 404"  # how both engines record a 404: the game has no vertical banner
 _DECODE_ERROR = "Image decoding error"  # img2dataset's reason for bytes that are no image; the light engine's too
-_CHUNK = 1 << 20
 _OPEN_SHARDS = 3  # light engine: shards downloaded at once; bounds the banners held in memory before a shard is written
 _MAX_BANNER_BYTES = 20 << 20  # a banner is ~100 kB: anything this big is not one
 _ATTEMPT_TIMEOUTS = 3  # light engine: an attempt ends after 3 x timeout in all, even while bytes trickle in
@@ -120,7 +118,7 @@ class DownloadReport:
 Row = tuple[str, str, str]  # (url, appid, name); a blank row (appid "") only fills a finished shard up
 
 
-def _app_names(app_list, appids, default) -> dict[str, str]:
+def requested_apps(app_list, appids, default) -> dict[str, str]:
     """{appid: name} from a file or dict, explicit ids (names from the list when both are given), or ``default()``."""
     if isinstance(app_list, dict):
         names = parse_app_list(app_list)
@@ -174,7 +172,7 @@ def _plan(output_dir: Path, saved: list[Row] | None, app_list, appids, host: str
         log.info("resuming the download of the %d apps listed in %s", sum(bool(a) for _, a, _ in saved),
                  output_dir / URL_TABLE)
         return _on_host(saved, host)
-    rows = _rows(_app_names(app_list, appids, shipped_app_names), host)
+    rows = _rows(requested_apps(app_list, appids, shipped_app_names), host)
     # Shard n holds rows n*SAMPLES_PER_SHARD...: finished shards only stay valid for the same apps in the same order.
     if saved is not None and _finished_shards(output_dir) and [a for _, a, _ in saved] != [a for _, a, _ in rows]:
         raise BannermatchError(f"{output_dir} already holds shards of another app list ({len(saved)} apps); "
@@ -182,11 +180,18 @@ def _plan(output_dir: Path, saved: list[Row] | None, app_list, appids, host: str
     return rows
 
 
+def _drop_held(rows: list[Row], have: set[str], finished: set[int]) -> list[Row]:
+    """The rows of shards not finished yet blanked where ``have`` (a snapshot) holds the app already: finishing
+    an interrupted download (a fallback to the CDN alone, say) never fetches what the collection has."""
+    return [("", "", "") if a in have and i // SAMPLES_PER_SHARD not in finished else (u, a, n)
+            for i, (u, a, n) in enumerate(rows)]
+
+
 def _plan_update(output_dir: Path, saved: list[Row] | None, app_list, appids, host: str, recheck_days: float,
                  have: set[str]) -> tuple[list[Row], dict]:
     """The saved rows, then blank rows up to the next shard, then the ids to request: those of the list (Steam's
     current one by default) neither in the shards nor in ``have``, and not checked (404 or failed) lately."""
-    listed = _app_names(app_list, appids, fetch_app_list)
+    listed = requested_apps(app_list, appids, fetch_app_list)
     outcomes = _outcomes(output_dir)
     cutoff = time.time() - recheck_days * 86400
     new, rechecked = [], []
@@ -385,8 +390,6 @@ def _resize(data: bytes) -> tuple[bytes, tuple[int, int], tuple[int, int]]:
     """As img2dataset's keep_ratio, resize_only_if_bigger: the short side down to IMAGE_SIZE, never up; JPEG q95."""
     from PIL import Image
 
-    from .sources import SkipImage, decode_image
-
     try:
         image = decode_image(data)
     except SkipImage as exc:
@@ -498,6 +501,9 @@ def _run_light(rows: list[Row], pending: list[int], output_dir: Path, threads: i
             while todo and len(open_shards) < _OPEN_SHARDS:
                 shard = todo.pop(0)
                 items = [(i, url) for i, (url, appid, _) in enumerate(shard_rows[shard]) if appid]
+                if not items:  # every app of it is held elsewhere (_drop_held): finished as it is
+                    _write_shard(output_dir, shard, shard_rows[shard], {}, time.time())
+                    continue
                 open_shards[shard] = (time.time(), {}, len(items))
                 for i, url in items:
                     futures[pool.submit(work, url)] = (shard, i)
@@ -612,7 +618,7 @@ def download_banners(output_dir, app_list=None, appids=None, host: str = STEAM_C
     ``update``: add what the folder lacks: the apps of ``app_list``/``appids`` (default: Steam's current list,
     see :func:`bannermatch.steam.fetch_app_list`) that are not in its shards nor in ``have`` (app ids held
     elsewhere, e.g. a snapshot), plus those whose last check, a 404 or a failure, is over ``recheck_days`` old.
-    They go into new shards; an interrupted download is finished first.
+    They go into new shards; an interrupted download is finished first, without the apps in ``have``.
     ``host``: the CDN serving ``/steam/apps/{appid}/library_600x900.jpg``.
     ``engine``: "light" (requests, ``threads`` parallel downloads, default 32) or "img2dataset" (``processes``,
     default the CPU count up to 4, x ``threads``; ``distributor`` "multiprocessing", or "pyspark"/"ray" on a
@@ -650,16 +656,17 @@ def download_banners(output_dir, app_list=None, appids=None, host: str = STEAM_C
 
     def run(rows: list[Row]) -> None:
         nonlocal written
+        finished = set(_finished_shards(output_dir, drop_unreadable=True))
+        pending = [k for k in range(math.ceil(len(rows) / SAMPLES_PER_SHARD)) if k not in finished]
+        if pending:  # before the table is saved: an offline run leaves no list behind for the next run to finish
+            _check_reachable(host, timeout)
         if rows != written:  # img2dataset reads the table from the folder
             _write_rows(rows, table)
             written = rows
-        finished = set(_finished_shards(output_dir, drop_unreadable=True))
-        pending = [k for k in range(math.ceil(len(rows) / SAMPLES_PER_SHARD)) if k not in finished]
         try:
             if not pending:
                 log.info("all %d shards in %s are done", len(finished), output_dir)
                 return
-            _check_reachable(host, timeout)
             log.info("downloading %d shards from %s with the %s engine", len(pending), host, engine)
             if engine == "light":
                 _run_light(rows, pending, output_dir, threads, timeout, retries, progress)
@@ -671,9 +678,10 @@ def download_banners(output_dir, app_list=None, appids=None, host: str = STEAM_C
 
     update_info = {}
     if update:
-        if saved is not None:
-            run(_on_host(saved, host))  # finish an interrupted download first: the new shards start after the last one
-        rows, update_info = _plan_update(output_dir, saved, app_list, appids, host, recheck_days, {str(a) for a in have})
+        have = {str(a) for a in have}
+        if saved is not None:  # finish an interrupted download first: the new shards start after the last one
+            run(_drop_held(_on_host(saved, host), have, set(_finished_shards(output_dir))))
+        rows, update_info = _plan_update(output_dir, written, app_list, appids, host, recheck_days, have)
     else:
         rows = _plan(output_dir, saved, app_list, appids, host)
     if not rows:
@@ -689,152 +697,3 @@ def download_banners(output_dir, app_list=None, appids=None, host: str = STEAM_C
             if o["status"] == "success" and a not in collection_before}}
     (output_dir / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8")
     return report
-
-
-# ------------------------------------------------------------------------------------------ the older archive
-
-def fetch_archive(url_or_path, dest_dir, *, timeout: float = 30, attempts: int = 5, progress: bool = True) -> Path:
-    """The earlier release (``resized_vertical_steam_banners_v2.tar.gz``, 224x224 banners): a local path is used
-    in place; a URL is downloaded into ``dest_dir``, resuming a ``.part`` file with HTTP Range requests, checked
-    against the server's size and renamed only when complete. ``open_source`` reads it without extracting.
-    """
-    text = str(url_or_path)
-    if urllib.parse.urlparse(text).scheme not in ("http", "https"):
-        path = Path(text)
-        if not path.is_file():
-            raise BannermatchError(f"archive not found: {path}")
-        return path
-    name = Path(urllib.parse.unquote(urllib.parse.urlparse(text).path)).name  # a bare file name: no traversal
-    if name in ("", ".", ".."):
-        raise BannermatchError(f"cannot tell the archive's file name from {text}")
-    dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / name
-    if dest.is_file():
-        log.info("%s is already downloaded", dest)
-        return dest
-    part = dest.with_name(name + ".part")
-    size = total = None
-    for attempt in range(attempts):
-        try:
-            total = _transfer(text, part, timeout, progress)
-        except (OSError, http.client.HTTPException) as exc:  # connection cut or stalled mid-transfer: resume
-            if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
-                raise NetworkUnreachable(text, exc) from None
-            log.warning("transfer of %s interrupted (%s); resuming", name, exc)
-            continue
-        size = part.stat().st_size if part.exists() else 0
-        if total is None or size == total:
-            part.replace(dest)
-            return dest
-        if size > total:  # not the file the server has now: start over
-            part.unlink()
-        log.warning("transfer of %s stopped at %d of %d bytes; resuming", name, size, total)
-    raise BannermatchError(f"download of {text} incomplete after {attempts} attempts"
-                           + (f" ({size} of {total} bytes)" if total else "") + "; run again to resume")
-
-
-def _transfer(url: str, part: Path, timeout: float, progress: bool) -> int | None:
-    """Append what the server has beyond ``part``'s size (or restart); return the file's full size if known."""
-    from tqdm.auto import tqdm
-
-    have = part.stat().st_size if part.exists() else 0
-    headers = {"User-Agent": "bannermatch"}
-    if have:
-        headers["Range"] = f"bytes={have}-"
-    try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        total = _content_range_total(exc.headers.get("Content-Range"))
-        if exc.code == 416 and have and total is not None:  # nothing beyond what we have: complete, or too long
-            return total
-        raise BannermatchError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
-    with response:
-        resumed = have and response.status == 206
-        if resumed:
-            m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", "").strip())
-            if not m or int(m.group(1)) != have:
-                part.unlink()
-                raise http.client.HTTPException("unexpected Content-Range; restarting")
-            total = int(m.group(2)) if m.group(2) != "*" else None
-        else:  # a full body (no Range sent, or the server ignores Range)
-            have = 0
-            length = response.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-        with open(part, "ab" if resumed else "wb") as f, \
-                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=part.name[:-5], disable=not progress) as bar:
-            while chunk := response.read(_CHUNK):
-                f.write(chunk)
-                bar.update(len(chunk))
-    return total
-
-
-def _content_range_total(value: str | None) -> int | None:
-    m = re.search(r"/(\d+)$", value or "")
-    return int(m.group(1)) if m else None
-
-
-# ------------------------------------------------------------------------------------------ the collection
-
-CDN_FOLDER = "cdn"  # beside the snapshot, the banners fetched from the CDN
-COLLECTION_FILE = "collection.json"  # when the collection was last completed from Steam's list, and from what
-
-
-def get_banners(folder=None, snapshot: str | None = "newest", update: bool = False, host: str = STEAM_CDN,
-                app_list=None, mirror: str | None = None, progress: bool = True) -> Path:
-    """The banner collection in ``folder``, the fast way: a published snapshot (``newest`` by default; None for
-    the CDN alone) in a few archives, read in place, then the Steam CDN for what the snapshot lacks.
-
-    On the first run, and with ``update``, the CDN part asks Steam for its current list and requests only the
-    apps added since the snapshot (app ids above its highest; or the apps of ``app_list`` it lacks), so a first
-    run makes no 200k requests; afterwards it is a no-op. A snapshot that cannot be had falls back to the CDN
-    alone (resumable, a no-op once complete); a Steam that cannot be reached after a snapshot leaves the snapshot
-    alone until the next run; each says so in one line. A folder of banners it did not make is used as it is (one
-    that :func:`download_banners` made is resumed). Returns ``folder``: every banner under it, at any depth, is
-    read by :func:`~bannermatch.sources.open_source`.
-    """
-    from .defaults import DEFAULT_IMAGES
-    from .snapshots import NEWEST, SnapshotUnavailable, fetch_snapshot
-    from .sources import open_source
-
-    folder = Path(folder or DEFAULT_IMAGES)
-    if (folder / URL_TABLE).exists():  # a CDN download folder of its own: resumed (a no-op once complete)
-        print(download_banners(folder, app_list, host=host, update=update, progress=progress).summary())
-        return folder
-    if folder.is_dir() and any(folder.iterdir()) and not _collection_made_here(folder):
-        return folder  # banners of the user's own: used as they are
-    cdn = folder / CDN_FOLDER
-    snapshot = NEWEST if snapshot == "newest" else snapshot
-    if snapshot:
-        try:
-            fetch_snapshot(snapshot, folder / snapshot, mirror=mirror, progress=progress)
-        except SnapshotUnavailable as exc:
-            log.warning("%s; downloading the banners from the Steam CDN instead", exc)
-            snapshot = None
-    if snapshot is None:
-        print(download_banners(cdn, app_list, host=host, update=update, progress=progress).summary())
-        return folder
-    if not update and (folder / COLLECTION_FILE).exists():
-        return folder  # the snapshot and what was new then: complete
-    have = set(open_source(folder / snapshot).keys)
-    try:
-        listed = _app_names(app_list, None, fetch_app_list)
-    except BannermatchError as exc:  # offline, or Steam unreachable: the snapshot is a collection of its own
-        log.warning("the games added since the %s snapshot could not be listed (%s); using the snapshot alone",
-                    snapshot, str(exc).splitlines()[0])
-        return folder
-    newest = max(map(int, have), default=0)
-    added = {a: n for a, n in listed.items() if a not in have and (app_list is not None or int(a) > newest)}
-    if added:
-        print(download_banners(cdn, added, host=host, update=True, have=have, progress=progress).summary())
-    else:
-        log.info("no game was added since the %s snapshot", snapshot)
-    record = {"snapshot": snapshot, "listed": len(listed), "added": len(added), "completed": time.time()}
-    atomic_write(folder / COLLECTION_FILE, lambda fh: fh.write(json.dumps(record).encode()))
-    return folder
-
-
-def _collection_made_here(folder: Path) -> bool:
-    from .snapshots import SNAPSHOTS
-
-    return (folder / COLLECTION_FILE).exists() or any((folder / part).is_dir() for part in [CDN_FOLDER, *SNAPSHOTS])

@@ -128,6 +128,58 @@ def letterbox_16_9(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     return canvas
 
 
+# The mild edits a catalogue's duplicates really show (a re-upload, a re-release): what a duplicate threshold is
+# calibrated on (bannermatch.reports.duplicates), as against the strong edits above that copy detection searches.
+
+def reencode(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Re-encoded as JPEG at quality 55-85."""
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=int(rng.integers(55, 86)))
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def rescale(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Shrunk to 55-80% and scaled back (a copy saved at another size)."""
+    w, h = img.size
+    f = rng.uniform(0.55, 0.8)
+    return img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.BILINEAR).resize((w, h), Image.BICUBIC)
+
+
+def title_strip(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A re-release: a dark band over the bottom 8-15% with an edition's name."""
+    img = img.copy()
+    w, h = img.size
+    top = round(h * (1 - rng.uniform(0.08, 0.15)))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([0, top, w, h], fill=tuple(int(c) for c in rng.integers(0, 60, 3)))
+    font = ImageFont.load_default(size=max(8, (h - top) // 2))
+    draw.text((w // 2, (top + h) // 2), str(rng.choice(_EDITIONS)), font=font, fill=(235, 205, 120), anchor="mm")
+    return img
+
+
+_EDITIONS = ("DEFINITIVE EDITION", "REMASTERED", "GAME OF THE YEAR", "ANNIVERSARY", "COMPLETE EDITION")
+
+
+def brightness(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Brightness x0.88-1.12."""
+    return ImageEnhance.Brightness(img).enhance(rng.uniform(0.88, 1.12))
+
+
+def trim(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """2-6% of the area cut off along the top or bottom and one side, scaled back."""
+    w, h = img.size
+    share = 1 - math.sqrt(1 - rng.uniform(0.02, 0.06))  # of each of the two edges
+    dx, dy = round(w * share), round(h * share)
+    left, top = dx * int(rng.integers(0, 2)), dy * int(rng.integers(0, 2))
+    return img.crop((left, top, left + w - dx, top + h - dy)).resize((w, h), Image.BICUBIC)
+
+
+def tint(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Blended 5-10% with a colour."""
+    colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+    return Image.blend(img, Image.new("RGB", img.size, colour), rng.uniform(0.05, 0.1))
+
+
 TRANSFORMS: dict[str, Callable[[Image.Image, np.random.Generator], Image.Image]] = {
     "crop": random_resized_crop,
     "jpeg": jpeg_compress,
@@ -137,18 +189,29 @@ TRANSFORMS: dict[str, Callable[[Image.Image, np.random.Generator], Image.Image]]
     "flip": horizontal_flip,
     "overlay": text_logo_overlay,
     "letterbox": letterbox_16_9,
+    "reencode": reencode,
+    "rescale": rescale,
+    "title": title_strip,
+    "brightness": brightness,
+    "trim": trim,
+    "tint": tint,
 }
+#: copy detection's default edits (``evaluate``): the strong ones
+STRONG_EDITS = ("crop", "jpeg", "colour", "blur", "grayscale", "flip", "overlay", "letterbox")
+#: the edits a catalogue's duplicates show (the duplicate threshold's calibration)
+MILD_EDITS = ("reencode", "rescale", "title", "brightness", "trim", "tint")
 
 
 def transformed_copy(img: Image.Image, transform: str, seed: int, key: str) -> Image.Image:
     """The ``transform`` of one banner, the same on every run for the same (seed, key, transform)."""
-    _check_transforms([transform])
+    check_transforms([transform])
     rng = np.random.default_rng([seed, zlib.crc32(key.encode()), list(TRANSFORMS).index(transform)])
     return TRANSFORMS[transform](img.convert("RGB"), rng)
 
 
-def _check_transforms(transforms: Iterable[str] | None) -> tuple[str, ...]:
-    names = tuple(TRANSFORMS) if transforms is None else tuple(dict.fromkeys(transforms))
+def check_transforms(transforms: Iterable[str] | None) -> tuple[str, ...]:
+    """The named edits, each once (default: the strong edits); an unknown name is an error that lists them."""
+    names = STRONG_EDITS if transforms is None else tuple(dict.fromkeys(transforms))
     unknown = [t for t in names if t not in TRANSFORMS]
     if unknown or not names:
         raise BannermatchError(f"unknown transform {', '.join(unknown) or '(none given)'}; choose from: {', '.join(TRANSFORMS)}")
@@ -440,7 +503,7 @@ def compare(
         raise BannermatchError("compare needs at least one recipe")
     if n_queries < 1:
         raise BannermatchError("n_queries must be at least 1")
-    transforms = _check_transforms(transforms)
+    transforms = check_transforms(transforms)
     source = images if isinstance(images, ImageSource) else open_source(images)
     if (limit := resolve_limit(limit, device)) is not None:
         source = source.sample(limit, include=include)
@@ -448,7 +511,7 @@ def compare(
     for recipe in recipes:
         fs = extract_features(source, recipe, store, weights, device, progress=progress, dtype=dtype)
         matches = find_matches(fs, k, device)
-        copies, true_index, copy_names = _copy_features(fs, weights, device, n_queries, seed, transforms, progress,
+        copies, true_index, copy_names = copy_features(fs, weights, device, n_queries, seed, transforms, progress,
                                                         dtype)
         copy = copy_detection(copies, fs.features, true_index, copy_names, k, device=device)
         groups = franchise_groups({key: fs.name(key) for key in fs.keys})
@@ -480,12 +543,14 @@ def _aligned_overlap(a: tuple[list[str], np.ndarray], b: tuple[list[str], np.nda
     return overlap_at_k(np.asarray(keys_a)[nb_a[common]], np.asarray(keys_b)[nb_b[[row_b[keys_a[i]] for i in common]]])
 
 
-def _copy_features(fs: FeatureSet, weights, device, n_queries: int, seed: int, transforms: tuple[str, ...],
-                   progress: bool, dtype: str = "auto") -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Features of the transformed copies of a seeded sample of banners. Their pooling components are cached
-    beside the features, so every strategy of the same forward pass reads them without embedding again.
+def copy_features(fs: FeatureSet, weights=None, device=None, n_queries: int = 200, seed: int = 0,
+                  transforms: Sequence[str] | None = None, progress: bool = True, dtype: str = "auto",
+                  one_edit_each: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features of edited copies of a seeded sample of ``n_queries`` banners: each banner under every one of
+    ``transforms``, or (``one_edit_each``) under one of them in turn. Their pooling components are cached beside
+    the features, so every strategy of the same forward pass reads them without embedding again.
 
-    Returns (features [Q*T, D] query-major, the database row of each copy's original, each copy's transform).
+    Returns (features [copies, D] in sample order, the database row of each copy's original, each copy's edit).
     """
     from tqdm.auto import tqdm
 
@@ -496,12 +561,16 @@ def _copy_features(fs: FeatureSet, weights, device, n_queries: int, seed: int, t
     sample = [key for key in sample if originals[key] is not None]
     if not sample:
         raise BannermatchError(f"the banners of {fs.path} cannot be read from {fs.images!r}; was the folder moved?")
+    transforms = check_transforms(transforms)
     contents = [fs.digests[fs.index_of(key)] for key in sample]
-    digest = hashlib.sha256(json.dumps([_COPIES_VERSION, seed, transforms, sample, contents])
-                            .encode()).hexdigest()[:16]
+    if one_edit_each:
+        jobs = [(key, transforms[i % len(transforms)]) for i, key in enumerate(sample)]
+    else:
+        jobs = [(key, t) for key in sample for t in transforms]
+    digest = hashlib.sha256(json.dumps([_COPIES_VERSION, seed, jobs, contents]).encode()).hexdigest()[:16]
     cache = fs.path / f"copies.{digest}.npz"
-    true_index = np.repeat([fs.index_of(key) for key in sample], len(transforms))
-    names = list(transforms) * len(sample)
+    true_index = np.array([fs.index_of(key) for key, _ in jobs], np.int64)
+    names = [t for _, t in jobs]
     try:
         with np.load(cache, allow_pickle=False) as data:
             parts = {name: data[name] for name in COMPONENTS}
@@ -513,7 +582,6 @@ def _copy_features(fs: FeatureSet, weights, device, n_queries: int, seed: int, t
     except (OSError, ValueError, KeyError):
         log.warning("%s is damaged; embedding the copies again", cache)
     backbone = load_backbone(fs.recipe, weights, device, dtype)
-    jobs = [(key, t) for key in sample for t in transforms]
     out: dict[str, list[np.ndarray]] = {name: [] for name in COMPONENTS}
     with tqdm(total=len(jobs), desc=f"embedding copies {fs.recipe.label}", unit="img", disable=not progress) as bar:
         for start in range(0, len(jobs), _COPY_BATCH):

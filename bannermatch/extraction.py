@@ -457,6 +457,10 @@ def extract_features(
                         "2:3 input; use crop or squash for them", padded)
         log.debug("embedded %d images in %.1f s", len(todo), time.perf_counter() - started)
     collection = _collection(fstore, source, digest_of, unread)
+    if not collection["entries"]:  # nothing to match: say so now, not as an odd error of a later command
+        first = "".join(f" (first: {what}: {why})" for what, why in collection["skipped"][:1])
+        raise BannermatchError(f"none of the {len(source)} images in {source.path} could be used{first}; "
+                               "see the warnings above")
     if not source.sampled and collection != fstore.manifest.get("collection"):  # a sample is not the collection
         fstore.record({}, {}, collection)
     fstore.add_view(recipe)

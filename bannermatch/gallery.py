@@ -133,7 +133,7 @@ def write_gallery(
 
     ``images="local"`` writes thumbnails into ``out_dir/thumbs`` (the folder works offline);
     ``images="cdn"`` links the banners on the Steam CDN at ``host``. ``exclude``: a
-    :class:`~bannermatch.queries.Exclusion` (banners kept out of the matches).
+    :class:`~bannermatch.reports.Exclusion` (banners kept out of the matches).
     """
     if images not in IMAGE_MODES:
         raise BannermatchError(f"unknown image mode {images!r}; choose one of: {', '.join(IMAGE_MODES)}")
@@ -179,7 +179,7 @@ def write_gallery(
     return index
 
 
-#: Page title and file of each report of :mod:`bannermatch.queries`.
+#: Page title and file of each report of :mod:`bannermatch.reports`.
 _REPORTS = {"Duplicates": ("Duplicate banners", "duplicates.html"),
             "UniqueBanners": ("The most unique banners", "unique.html"),
             "Issues": ("Banner issues", "issues.html"),
@@ -188,7 +188,7 @@ _REPORTS = {"Duplicates": ("Duplicate banners", "duplicates.html"),
 
 def write_report(report, out_dir: str | Path = "gallery", images: str = "local", host: str = STEAM_CDN,
                  progress: bool = True) -> Path:
-    """One page for a report of :mod:`bannermatch.queries` (duplicate groups, unique banners, issues, most played):
+    """One page for a report of :mod:`bannermatch.reports` (duplicate groups, unique banners, issues, most played):
     its summary, then its rows of banners (name, app id, score), in ``out_dir`` beside the gallery's index.
     Returns the page's path; ``images`` as for :func:`write_gallery`."""
     if images not in IMAGE_MODES:

@@ -106,7 +106,7 @@ def find_matches(
 ) -> Matches:
     """Top-k neighbours of every banner (itself excluded), reused from disk when already computed.
 
-    ``exclude``: a :class:`~bannermatch.queries.Exclusion` (a banner's own duplicates, banners with issues):
+    ``exclude``: a :class:`~bannermatch.reports.Exclusion` (a banner's own duplicates, banners with issues):
     those are replaced by the next allowed neighbours; only the plain matches are saved.
     """
     if backend not in BACKENDS:

@@ -99,7 +99,7 @@ def query(
     """Top-k matches for app ids, game names, image files, URLs or PIL images (one or a list).
 
     New images are embedded with the feature set's own recipe, so query and collection always agree.
-    ``exclude``: a :class:`~bannermatch.queries.Exclusion`, banners kept out of the results (a stored query's own
+    ``exclude``: a :class:`~bannermatch.reports.Exclusion`, banners kept out of the results (a stored query's own
     duplicates, banners with issues).
     """
     if isinstance(queries, (str, int)) or not isinstance(queries, (list, tuple)):

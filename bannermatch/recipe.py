@@ -130,7 +130,7 @@ def make_recipe(
     if strategy == "complex":
         # DINO's linear evaluation: ViT-S uses 4 blocks' CLS, ViT-B the final CLS + mean patch token.
         embed_dim = _embed_dim(model, arch)
-        n_last_blocks = n_last_blocks or (4 if embed_dim < 768 else 1)
+        n_last_blocks = (4 if embed_dim < 768 else 1) if n_last_blocks is None else n_last_blocks
         avgpool = (embed_dim >= 768) if avgpool is None else avgpool
         if not 1 <= n_last_blocks <= STORED_BLOCKS:
             raise BannermatchError(f"n_last_blocks must be between 1 and {STORED_BLOCKS} (the blocks a pass stores)")

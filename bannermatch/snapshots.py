@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BannermatchError
+from .fetch import fetch_archive
 from .files import atomic_write
 from .sources import SNAPSHOT_MARKER, archive_has_images
 
@@ -123,8 +124,6 @@ def fetch_snapshot(name: str, dest: str | Path, *, mirror: str | None = None, ti
     A second call finds them complete and makes no request. ``mirror`` (default: ``$BANNERMATCH_SNAPSHOT_MIRROR``)
     replaces the host. Raises :class:`SnapshotUnavailable` when it cannot be had.
     """
-    from .download import fetch_archive
-
     snapshot = get_snapshot(name)
     dest = Path(dest)
     cached = _cached(snapshot, dest)
@@ -140,7 +139,7 @@ def fetch_snapshot(name: str, dest: str | Path, *, mirror: str | None = None, ti
         except BannermatchError as exc:  # unreachable, gone, cut short, damaged: the caller may use the CDN
             raise SnapshotUnavailable(f"the {name} snapshot is unavailable: {exc}") from None
         paths.append(path)
-    marker = {"name": name, "files": snapshot.files, "sizes": {p.name: p.stat().st_size for p in paths},
+    marker = {"name": name, "year": snapshot.year, "files": snapshot.files, "sizes": {p.name: p.stat().st_size for p in paths},
               "urls": list(snapshot.urls), "description": snapshot.description}
     atomic_write(dest / SNAPSHOT_MARKER, lambda fh: fh.write(json.dumps(marker, indent=1).encode("utf-8")))
     return paths

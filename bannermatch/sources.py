@@ -26,7 +26,7 @@ import tarfile
 import warnings
 import zipfile
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -40,8 +40,13 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+# The folder layout the data layer writes and this module reads
 #: Written by :func:`bannermatch.snapshots.fetch_snapshot` once every file of a snapshot is complete.
 SNAPSHOT_MARKER = "snapshot.json"
+URL_TABLE = "banner_urls.parquet"  # a CDN download folder's URL table (:mod:`bannermatch.download`)
+REPORT_FILE = "download_report.json"  # and its report
+CDN_FOLDER = "cdn"  # in a collection folder: the banners fetched from the CDN beside the snapshot
+COLLECTION_FILE = "collection.json"  # in a collection folder: its snapshot, and when it was last completed
 #: What to do about an archive cut short: every download of ours resumes.
 REDOWNLOAD = "download it again (`bannermatch download` resumes an interrupted download)"
 _APPID = re.compile(r"[1-9]\d{0,11}")  # no leading zero: img2dataset's sample numbers (000012345) are not app ids
@@ -503,20 +508,21 @@ class _Listing:
                     self.found.append(_Found(str(path), info.filename, info.file_size))
 
     def folder(self, root: Path) -> None:
-        from .download import REPORT_FILE, URL_TABLE
-
         files = []
         for dirpath, dirnames, filenames in os.walk(root):  # symlinked folders are listed, never entered
             files += [Path(dirpath) / n for n in filenames]
         unfinished = []
         for p in sorted(files):
             lower = p.name.lower()
+            wanted = p.suffix.lower() in IMAGE_SUFFIXES or _is_tar(lower) or lower.endswith(".zip")
             if p.is_symlink():  # may point anywhere: never followed
-                if p.suffix.lower() in IMAGE_SUFFIXES or _is_tar(lower) or lower.endswith(".zip"):
+                if wanted:
                     self.report.skip(str(p.relative_to(root)), "symbolic link", quiet=True)
+            elif wanted and not p.is_file():  # a FIFO or a device would block the read forever
+                self.report.skip(str(p.relative_to(root)), "not a regular file", quiet=True)
             elif p.suffix.lower() in IMAGE_SUFFIXES:
                 self.found.append(_Found(str(p), "", p.stat().st_size))
-            elif _SHARD.fullmatch(lower) and _is_download(p.parent, URL_TABLE, REPORT_FILE) \
+            elif _SHARD.fullmatch(lower) and _is_download(p.parent) \
                     and not (p.parent / f"{p.name[:-4]}_stats.json").exists():
                 unfinished.append(p)  # img2dataset writes a shard's stats file last
             elif _is_tar(lower) or lower.endswith(".zip"):
@@ -531,9 +537,9 @@ class _Listing:
                                  "again to resume")
 
 
-def _is_download(folder: Path, url_table: str, report_file: str) -> bool:
+def _is_download(folder: Path) -> bool:
     """A folder written by `bannermatch download` (img2dataset): its shards are finished only with a stats file."""
-    return (folder / url_table).exists() or (folder / report_file).exists() or any(folder.glob("*_stats.json"))
+    return (folder / URL_TABLE).exists() or (folder / REPORT_FILE).exists() or any(folder.glob("*_stats.json"))
 
 
 def _sample_meta(meta: dict) -> tuple[str | None, str | None]:
@@ -609,8 +615,10 @@ def open_source(path: str | Path) -> ImageSource:
     path = Path(path)
     if not path.exists():
         raise BannermatchError(f"no such file or folder: {path}")
-    if path.is_dir() and (parts := _collection_parts(path)):
-        return _combined(path, parts)
+    if not (path.is_dir() or path.is_file()):  # a FIFO or a device: reading it would block
+        raise BannermatchError(f"{path} is not a folder nor a regular file")
+    if path.is_dir() and (index := index_collection(path)) is not None:
+        return index.source()
     report = Report()
     listing = _Listing(report)
     if path.is_dir():
@@ -652,24 +660,55 @@ def _named(entries: list[Entry]) -> list[Entry]:
     return [e if e.name or e.key not in shipped else replace(e, name=shipped[e.key]) for e in entries]
 
 
-def _collection_parts(folder: Path) -> list[Path]:
-    """The subfolders of a collection made of several (a snapshot, the CDN's shards: see
-    :func:`bannermatch.download.get_banners`), each with its own app list or snapshot marker; none when images or
-    archives lie in ``folder`` itself."""
+# --------------------------------------------------------------------------------------------- the collection
+
+@dataclass
+class CollectionIndex:
+    """A collection folder's parts (a snapshot, the CDN top-up, folders of the user's own) behind one index:
+    app id -> the banner used and the part it came from, in app-id order, so that adding games never shifts
+    the others. Which part wins an app id held twice: the newest snapshot, then the CDN top-up, then the
+    user's folders by name. Every such conflict is recorded (and logged); snapshots other than the one the
+    collection was made from (``collection.json``) are left out with one line each, never mixed in."""
+
+    folder: Path
+    parts: list[Path]  # in precedence order
+    entries: dict[str, Entry]  # app id -> its banner, in app-id order
+    part_of: dict[str, str]  # app id -> the name of the part its banner comes from
+    conflicts: list[tuple[str, str, str]]  # (app id, part kept, location left out)
+    left_out: list[tuple[str, str]]  # (part, why)
+    report: Report
+
+    def source(self) -> ImageSource:
+        return ImageSource(self.folder, list(self.entries.values()), self.report)
+
+
+def index_collection(folder: str | Path) -> CollectionIndex | None:
+    """The index of a collection folder (see :class:`CollectionIndex`); None when ``folder`` is no collection:
+    images or archives lie in it, or no subfolder carries an app list or a snapshot marker."""
     from .steam import APP_NAMES_FILE
 
+    folder = Path(folder)
     if any(p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or _is_tar(p.name) or p.suffix.lower() == ".zip")
            for p in folder.iterdir()):
-        return []
-    return sorted(p for p in folder.iterdir()
-                  if p.is_dir() and ((p / APP_NAMES_FILE).is_file() or (p / SNAPSHOT_MARKER).is_file()))
-
-
-def _combined(folder: Path, parts: list[Path]) -> ImageSource:
-    """One source over the parts, each listed with its own app list; a key held twice keeps the first part's."""
-    entries: list[Entry] = []
-    report = Report()
-    seen: set[str] = set()
+        return None
+    parts = [p for p in folder.iterdir()
+             if p.is_dir() and ((p / APP_NAMES_FILE).is_file() or (p / SNAPSHOT_MARKER).is_file())]
+    if not parts:
+        return None
+    report, left_out = Report(), []
+    record = collection_record(folder)
+    if record is not None:  # the collection was made from one snapshot (None: the CDN alone)
+        chosen = record.get("snapshot")
+        for part in [p for p in parts if _marker(p) is not None and _marker(p).get("name") != chosen]:
+            why = (f"the collection in {folder} was made from " + (f"the {chosen} snapshot" if chosen else "the CDN alone")
+                   + f" ({COLLECTION_FILE}); embed {part} on its own to use its banners")
+            log.warning("left out %s: %s", part, why)
+            left_out.append((str(part), why))
+            parts.remove(part)
+    parts.sort(key=_precedence)
+    entries: dict[str, Entry] = {}
+    part_of: dict[str, str] = {}
+    conflicts = []
     for part in parts:
         try:
             source = open_source(part)
@@ -680,14 +719,52 @@ def _combined(folder: Path, parts: list[Path]) -> ImageSource:
         report.skipped += source.report.skipped
         report.duplicates += source.report.duplicates
         for e in source.entries:
-            if e.key in seen:
-                report.duplicates.append((e.key, e.location))
+            if e.key in entries:
+                conflicts.append((e.key, part_of[e.key], e.location))
+                log.debug("app %s is in %s and %s: kept the banner of %s", e.key, part_of[e.key], part.name,
+                          part_of[e.key])
             else:
-                seen.add(e.key)
-                entries.append(e)
+                entries[e.key] = e
+                part_of[e.key] = part.name
     if not entries:
         raise BannermatchError(f"no images found in {folder}")
-    return ImageSource(folder, entries, report)
+    if conflicts:
+        kept = Counter(kept for _, kept, _ in conflicts)
+        log.warning("%d app ids are in several parts of %s: kept the banners of %s (newest snapshot first, then the "
+                    "CDN's, then your own folders'); e.g. %s", len(conflicts), folder,
+                    ", ".join(f"{part} ({n})" for part, n in kept.items()),
+                    ", ".join(f"{key} at {where}" for key, _, where in conflicts[:3]))
+        report.duplicates += [(key, where) for key, _, where in conflicts]
+    order = sorted(entries, key=int)
+    return CollectionIndex(folder, parts, {k: entries[k] for k in order}, {k: part_of[k] for k in order},
+                           conflicts, left_out, report)
+
+
+def _marker(part: Path) -> dict | None:
+    try:
+        marker = json.loads((part / SNAPSHOT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def _precedence(part: Path) -> tuple:
+    """Sort key of a collection's parts: snapshots newest first, then the CDN top-up, then the user's folders."""
+    marker = _marker(part)
+    if marker is not None:
+        return 0, -int(marker.get("year") or 0), part.name
+    return (1 if part.name == CDN_FOLDER else 2), 0, part.name
+
+
+def collection_record(folder: Path) -> dict | None:
+    """``collection.json``: the snapshot the collection is made from (``snapshot``, None for the CDN alone) and
+    when the games added since were last fetched (``completed``); None without a readable record (a folder
+    :func:`~bannermatch.collection.get_banners` did not make: every part is used)."""
+    try:
+        record = json.loads((folder / COLLECTION_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _missing_snapshot_files(root: Path) -> list[str]:

@@ -98,9 +98,13 @@ def save_app_names(names: dict[str, str], path: str | Path) -> Path:
 class NetworkUnreachable(BannermatchError):
     """No answer from a host (no DNS, connection refused, timed out): the message names the offline options."""
 
-    def __init__(self, what: str, exc: BaseException):
-        super().__init__(f"cannot reach {what} ({getattr(exc, 'reason', exc)}); "
-                         f"the network seems unreachable: {OFFLINE_OPTIONS}")
+    def __init__(self, what: str, exc: BaseException | str, options: str = OFFLINE_OPTIONS):
+        self.what, self.reason = what, getattr(exc, "reason", exc)
+        super().__init__(f"cannot reach {what} ({self.reason}); the network seems unreachable: {options}")
+
+    def naming(self, options: str) -> NetworkUnreachable:
+        """The same failure, naming the offline options of another command."""
+        return NetworkUnreachable(self.what, self.reason, options)
 
 
 def http_get_json(url: str, timeout: float = 10) -> object:

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
+_MANIFEST_KEYS = {"recipe", "segments", "identities", "failed", "views", "collection"}  # what every writer writes
 
 
 def content_digest(data: bytes) -> str:
@@ -242,7 +243,7 @@ def _read_manifest(path: Path) -> dict:
         raise BannermatchError(f"no feature set at {path} (no {MANIFEST}); run `bannermatch embed` first") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BannermatchError(f"{file} is damaged (not valid JSON); delete {path} and embed again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or "recipe" not in manifest:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or not _MANIFEST_KEYS <= manifest.keys():
         raise BannermatchError(f"{file} is not a bannermatch manifest of this format; delete {path} and embed again")
     if manifest.get("library") != __version__:  # features may differ between versions: never mix them
         raise BannermatchError(f"{file} was written by bannermatch {manifest.get('library')}, this is {__version__}; "

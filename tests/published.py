@@ -3,8 +3,10 @@
 The checkpoints are saved the way the weights are published, never the way our loader wants them, so tests
 that load them check the conversion a real user's download goes through:
 
-- DINO: ``dino_vitbase16_pretrain.pth`` (a plain state dict of ``vision_transformer.VisionTransformer``) and the
-  training ``checkpoint.pth`` that ``main_dino.py`` writes (``student``/``teacher`` MultiCropWrapper state dicts).
+- DINO: ``dino_vitbase16_pretrain.pth`` (a plain state dict of ``vision_transformer.VisionTransformer``), the
+  training ``checkpoint.pth`` that ``main_dino.py`` writes (``student``/``teacher`` MultiCropWrapper state dicts),
+  and the published ``dino_vitbase16_pretrain_full_checkpoint.pth``, which adds the optimizer and the command
+  line (``args``, an ``argparse.Namespace``).
 - DINOv2: ``dinov2_vits14_pretrain.pth`` (``DinoVisionTransformer`` built by ``dinov2/hub/backbones.py``:
   ``block_chunks=0``, layer scale, a 518-px 37x37 position grid, ``mask_token``, ``register_tokens``).
 - BEiT: Hugging Face folders as ``microsoft/beit-*-patch16-224-pt22k`` (``BeitForMaskedImageModeling``) and
@@ -17,6 +19,7 @@ compared with it. ``tests/test_published.py`` proves it against timm and transfo
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -115,6 +118,28 @@ def save_dino_training_checkpoint(path: str | Path, arch: dict, seed: int = 0, o
         "dino_loss": {"center": torch.randn(1, out_dim, generator=gen)},
     }
     torch.save(checkpoint, path)
+    return teacher
+
+
+def save_dino_full_checkpoint(path: str | Path, arch: dict, seed: int = 0, out_dim: int = 64) -> dict[str, torch.Tensor]:
+    """As DINO publishes ``dino_vitbase16_pretrain_full_checkpoint.pth``: ``main_dino.py``'s checkpoint with all it
+    saves, keys in its order: ``student``, ``teacher``, ``optimizer`` (AdamW's state dict after a step),
+    ``epoch``, ``args`` (the run's ``argparse.Namespace``) and ``dino_loss``. Returns the teacher's backbone."""
+    teacher = save_dino_training_checkpoint(path, arch, seed, out_dim)
+    trained = torch.load(path, weights_only=True)
+    params = [torch.nn.Parameter(v.clone()) for k, v in trained["student"].items() if not k.endswith("weight_g")]
+    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.04)
+    for p in params:
+        p.grad = torch.full_like(p, 1e-3)
+    optimizer.step()
+    args = argparse.Namespace(arch="vit_base", patch_size=arch.get("patch_size", 16), out_dim=out_dim,
+                              norm_last_layer=True, momentum_teacher=0.996, use_bn_in_head=False, warmup_teacher_temp=0.04,
+                              teacher_temp=0.07, use_fp16=False, weight_decay=0.04, lr=0.00075, epochs=400,
+                              optimizer="adamw", global_crops_scale=(0.25, 1.0), local_crops_number=10,
+                              data_path="/path/to/imagenet/train", output_dir=".", seed=0, dist_url="env://")
+    full = {"student": trained["student"], "teacher": trained["teacher"], "optimizer": optimizer.state_dict(),
+            "epoch": trained["epoch"], "args": args, "dino_loss": trained["dino_loss"]}
+    torch.save(full, path)
     return teacher
 
 

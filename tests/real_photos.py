@@ -10,16 +10,19 @@ from PIL import Image
 # Colour and grey photographs that ship inside the scikit-image wheel (others need pooch and a download).
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
           "stereo_motorcycle", "camera", "coins")
+# More of them, for catalogues: textures that look alike (brick, grass, gravel), the moon, a clock, a colour wheel.
+EXTRA_PHOTOS = ("moon", "brick", "grass", "gravel", "clock", "colorwheel")
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
 IMAGENET_STD = np.array([0.229, 0.224, 0.225])
 
 
-def photos(longest: int = 320) -> list[Image.Image]:
-    """The photos as RGB, longest side at most ``longest`` px (small files, fast decoding)."""
+def photos(longest: int = 320, extra: bool = False) -> list[Image.Image]:
+    """The photos as RGB, longest side at most ``longest`` px (small files, fast decoding); ``extra``: with
+    EXTRA_PHOTOS."""
     import skimage.data
 
     out = []
-    for name in PHOTOS:
+    for name in PHOTOS + (EXTRA_PHOTOS if extra else ()):
         data = getattr(skimage.data, name)()
         if isinstance(data, tuple):  # stereo pairs: the left view
             data = data[0]

@@ -80,6 +80,31 @@ class _Evil:
         return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
 
 
+def test_full_checkpoint_lets_only_its_namespace_through_and_only_for_its_load(tmp_path):
+    """DINO's full checkpoints hold an argparse.Namespace: allowed while our load runs, nowhere else, and no other
+    class rides along with it."""
+    import argparse
+    import fractions
+
+    from published import save_dino_full_checkpoint
+
+    from bannermatch.backbones import load_state_dict
+
+    path = tmp_path / "dino_vitbase16_pretrain_full_checkpoint.pth"
+    teacher = save_dino_full_checkpoint(path, {"embed_dim": 48, "depth": 2, "patch_size": 16})
+    raw = torch.load(path, weights_only=False)
+    assert list(raw) == ["student", "teacher", "optimizer", "epoch", "args", "dino_loss"]
+    assert isinstance(raw["args"], argparse.Namespace) and raw["optimizer"]["state"]
+    loaded = load_state_dict(path)
+    assert loaded.keys() == teacher.keys() and all(torch.equal(loaded[k], teacher[k]) for k in teacher)
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()
+    with pytest.raises(Exception, match="Namespace"):  # torch's own refusal, after ours ran
+        torch.load(path, weights_only=True)
+    torch.save({"teacher": teacher, "args": argparse.Namespace(a=1), "lr": fractions.Fraction(1, 3)}, path)
+    with pytest.raises(BannermatchError, match="refusing to load"):
+        load_state_dict(path)
+
+
 def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.pth"
@@ -213,12 +238,15 @@ def _images(height: int, width: int, n: int = 2) -> torch.Tensor:
 
 @pytest.mark.parametrize("height,width", SIZES[16])
 def test_dino_original_and_training_checkpoints_load_through_timm(tmp_path, height, width):
-    from published import reference_vit_tokens, save_dino_original, save_dino_training_checkpoint
+    from published import (reference_vit_tokens, save_dino_full_checkpoint, save_dino_original,
+                           save_dino_training_checkpoint)
 
     state = save_dino_original(tmp_path / "dino.pth", DINO_ARCH)
     teacher = save_dino_training_checkpoint(tmp_path / "checkpoint.pth", DINO_ARCH)  # `teacher` with its `head.*`
+    full = save_dino_full_checkpoint(tmp_path / "full.pth", DINO_ARCH, seed=5)  # and `args`: an argparse.Namespace
     images = _images(height, width)
-    for path, weights in [(tmp_path / "dino.pth", state), (tmp_path / "checkpoint.pth", teacher)]:
+    for path, weights in [(tmp_path / "dino.pth", state), (tmp_path / "checkpoint.pth", teacher),
+                          (tmp_path / "full.pth", full)]:
         backbone = create_model("dino_vits16", "timm", weights=path, arch=_timm_arch(DINO_ARCH))
         with torch.no_grad():
             _assert_tokens(backbone, reference_vit_tokens(weights, images, 16, HEADS, "dino"), images, 1)

@@ -32,14 +32,18 @@ def test_run_embeds_matches_and_draws_the_example_query(banner_dir, tiny_weights
 
 
 def test_run_without_network_stops_at_once_with_the_offline_options(tmp_path):
+    """The options it names are run's own, as the README promises (#22 item 4), and it leaves no list of banners
+    behind for the next, online run to finish (item 5: that run asked the CDN for all 29,982 shipped banners)."""
     started = time.monotonic()
     proc = _run("--images", tmp_path / "banners", "--app-list", SHARED_APPS, "--host", "http://127.0.0.1:9",
                 "--quiet", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     fallback, error = proc.stderr.strip().splitlines()  # the snapshot's host first, then the CDN's: a line each
     assert "dinov2-2023 snapshot is unavailable" in fallback and fallback.endswith("from the Steam CDN instead")
-    assert "cannot reach http://127.0.0.1:9" in error and "--archive PATH" in error
+    assert "cannot reach http://127.0.0.1:9" in error and "--images PATH" in error and "--weights PATH" in error
+    assert "--archive" not in error and "--app-list" not in error  # options of `download`, not of `run`
     assert time.monotonic() - started < 60
+    assert not list((tmp_path / "banners").rglob("banner_urls.parquet"))
 
 
 def test_published_weights_unreachable_is_one_line(monkeypatch):

@@ -29,8 +29,9 @@ from conftest import APPS, draw_banner
 
 from bannermatch import download, steam
 from bannermatch.cli import main
-from bannermatch.download import REPORT_FILE, URL_TABLE, download_banners, fetch_archive
+from bannermatch.download import REPORT_FILE, URL_TABLE, download_banners
 from bannermatch.errors import BannermatchError
+from bannermatch.fetch import fetch_archive
 from bannermatch.sources import open_source
 
 TIMEOUT = 1  # seconds; the slow banner answers after SLOW_DELAY
@@ -187,11 +188,19 @@ def test_shipped_app_list_is_package_data(tmp_path, steam_names):
 
 
 def test_first_download_defaults_to_the_shipped_list(tmp_path, monkeypatch, steam_names):
-    """No app list: the shipped 29,982 games (each had a vertical banner), not ~200k apps from the Web API."""
-    with serve({}) as api:
+    """No app list: the shipped 29,982 games (each had a vertical banner), not ~200k apps from the Web API. An
+    unreachable CDN leaves nothing behind: a saved list is what a later run finishes first (#22)."""
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with serve({}) as api, serve({}) as cdn:
         monkeypatch.setattr(steam, "STEAM_API", api.url)
         with pytest.raises(BannermatchError, match="unreachable"):  # the list is there, the CDN is not
             download_banners(tmp_path, host=closed_port_url(), timeout=2, progress=False)
+        assert not list(tmp_path.iterdir())
+        monkeypatch.setattr(download, "_run_light", ctrl_c)  # reached, then stopped at its first banner
+        with pytest.raises(KeyboardInterrupt):
+            download_banners(tmp_path, host=cdn.url, progress=False)
         assert not api.requests
     table = pq.read_table(tmp_path / URL_TABLE).to_pydict()
     assert len(table["appid"]) == 29982 and dict(zip(table["appid"], table["name"])) == steam_names

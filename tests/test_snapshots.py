@@ -222,7 +222,7 @@ def test_first_run_reads_the_newest_snapshot_then_fetches_only_games_added_since
 def test_an_unreachable_snapshot_falls_back_to_the_cdn_in_one_line(tmp_path, monkeypatch, caplog):
     from test_download import banner_path
 
-    from bannermatch.download import get_banners
+    from bannermatch.collection import get_banners
 
     monkeypatch.setenv(snapshots.MIRROR_ENV, closed_port_url())
     with serve({banner_path(a): jpeg(a, (300, 450)) for a in IDS[:3]}) as cdn:

@@ -23,7 +23,7 @@ from conftest import APPS, TINY_ARCH, draw_banner  # noqa: E402
 
 from bannermatch import extract_features, make_recipe  # noqa: E402
 from bannermatch.backbones import create_model  # noqa: E402
-from bannermatch.queries import find_duplicates  # noqa: E402
+from bannermatch.reports import find_duplicates  # noqa: E402
 
 
 def main(out: Path) -> None:

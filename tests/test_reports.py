@@ -1,13 +1,19 @@
 """Duplicate groups, unique banners, banner issues and the most-played report, each checked against a brute-force
-computation written here, on synthetic banners with planted copies, look-alikes and issues."""
+computation written here (imagehash's pHash for the perceptual links), on synthetic banners with planted copies,
+look-alikes and issues."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
+import logging
+import math
 import shutil
 from pathlib import Path
+
+import imagehash
 
 import numpy as np
 import pytest
@@ -15,11 +21,13 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
 from bannermatch import extract_features, find_matches, make_recipe, query
 from bannermatch.cli import main
-from bannermatch.evaluate import transformed_copy
+from bannermatch.errors import BannermatchError
+from bannermatch.evaluate import MILD_EDITS, transformed_copy
 from bannermatch.extraction import embed_images, load_backbone
 from bannermatch.gallery import write_report
-from bannermatch.queries import (DUPLICATE_EDITS, ISSUES, duplicate_threshold, exclusion, find_duplicates,
-                                 find_issues, find_unique, most_played)
+from bannermatch.reports import (ISSUES, calibrate_threshold, exclusion, find_duplicates, find_issues, find_unique,
+                                 most_played)
+from bannermatch.reports.duplicates import HASH_DISTANCE
 from conftest import APPS, TINY_ARCH, StaticServer, draw_banner
 
 DISTINCT = list(APPS)[:12]  # drawn from seeds 0-11
@@ -93,26 +101,45 @@ def _pixels(fs) -> list[bytes]:
     return out
 
 
-def _brute_groups(fs, threshold: float) -> set[frozenset[str]]:
-    """Components of "same pixels or cosine >= threshold", by breadth-first search over the full matrix."""
+def _phashes(fs) -> list[imagehash.ImageHash]:
+    return [imagehash.phash(Image.open(_file_of(fs, key)).convert("RGB")) for key in fs.keys]
+
+
+def _entropy(fs, key: str) -> float:
+    grey = np.asarray(Image.open(_file_of(fs, key)).convert("L").resize((256, 384)))
+    p = np.bincount(grey.ravel(), minlength=256) / grey.size
+    return float(-(p[p > 0] * np.log2(p[p > 0])).sum())
+
+
+def _strength(fs, threshold: float) -> np.ndarray:
+    """Pairwise link strength as the report ranks links: identical pixels 3, pHash within HASH_DISTANCE bits 2
+    (between banners of more than one or two flat tones), else the cosine; linked when it is >= threshold."""
     sims = fs.features @ fs.features.T
-    pixels = _pixels(fs)
+    pixels, hashes = _pixels(fs), _phashes(fs)
+    structured = [_entropy(fs, key) >= 1.5 for key in fs.keys]
     n = len(fs.keys)
-    linked = [[j for j in range(n) if j != i and (sims[i, j] >= threshold or pixels[i] == pixels[j])] for i in range(n)]
-    seen, groups = set(), set()
-    for start in range(n):
-        if start in seen:
-            continue
-        component, todo = {start}, [start]
-        while todo:
-            for j in linked[todo.pop()]:
-                if j not in component:
-                    component.add(j)
-                    todo.append(j)
-        seen |= component
-        if len(component) > 1:
-            groups.add(frozenset(fs.keys[i] for i in component))
-    return groups
+    return np.array([[3.0 if pixels[i] == pixels[j] else
+                      2.0 if structured[i] and structured[j] and hashes[i] - hashes[j] <= HASH_DISTANCE else sims[i, j]
+                      for j in range(n)] for i in range(n)])
+
+
+def _brute_groups(fs, threshold: float, strength: np.ndarray | None = None) -> set[frozenset[str]]:
+    """Textbook complete linkage over the whole collection: merge the two clusters whose weakest pair is strongest,
+    while that pair is linked."""
+    strength = _strength(fs, threshold) if strength is None else strength
+    clusters = [[i] for i in range(len(fs.keys))]
+    while True:
+        best, pair = -math.inf, None
+        for a in range(len(clusters)):
+            for b in range(a + 1, len(clusters)):
+                weakest = min(strength[i, j] for i in clusters[a] for j in clusters[b])
+                if weakest > best:
+                    best, pair = weakest, (a, b)
+        if pair is None or best < threshold:
+            break
+        a, b = pair
+        clusters[a] += clusters.pop(b)
+    return {frozenset(fs.keys[i] for i in c) for c in clusters if len(c) > 1}
 
 
 def _margin(fs, threshold: float) -> float:
@@ -124,10 +151,11 @@ def _margin(fs, threshold: float) -> float:
 # ------------------------------------------------------------------------------------------ duplicates
 
 @pytest.mark.parametrize("threshold", [0.995, 0.95])
-def test_duplicate_groups_are_the_brute_force_components(planted, threshold):
+def test_duplicate_groups_are_brute_force_complete_linkage(planted, threshold):
     fs = planted
     assert _margin(fs, threshold) > 1e-5  # no pair sits on the threshold, where float order could decide
-    expected = _brute_groups(fs, threshold)
+    strength = _strength(fs, threshold)
+    expected = _brute_groups(fs, threshold, strength)
     dups = find_duplicates(fs, threshold, progress=False)
     assert {frozenset(g.keys) for g in dups.groups} == expected
     # with neighbour lists too short for the placeholder's five copies, whole rows are searched instead
@@ -136,12 +164,52 @@ def test_duplicate_groups_are_the_brute_force_components(planted, threshold):
     sims = fs.features @ fs.features.T
     for g in dups.groups:
         rows = [fs.index_of(k) for k in g.keys]
+        assert strength[np.ix_(rows, rows)].min() >= threshold  # every member linked to every other
         block = sims[np.ix_(rows, rows)] - 3 * np.eye(len(rows))
         pixels = dict(zip(g.keys, g.pixels))
         for key, score, best in zip(g.keys, g.scores, block.max(1)):
             twin = list(pixels.values()).count(pixels[key]) > 1
             assert score == pytest.approx(1.0 if twin else best, abs=1e-5)
     assert [len(g.keys) for g in dups.groups] == sorted((len(g.keys) for g in dups.groups), reverse=True)
+
+
+def _with_features(fs, tmp_path, vectors: dict[str, np.ndarray]):
+    """The planted set with some banners' features replaced (others spread at random), kept in ``tmp_path``."""
+    rng = np.random.default_rng(7)
+    features = rng.normal(size=(len(fs.keys), 64)).astype(np.float32)
+    for key, v in vectors.items():
+        features[fs.index_of(key)] = v
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    return dataclasses.replace(fs, path=tmp_path, features=features)
+
+
+def test_a_chain_of_look_alikes_does_not_join_its_distinct_ends(planted, tmp_path):
+    """A~B and B~C above the threshold, A and C far apart: union-find made one group of three."""
+    a, b, c = DISTINCT[5:8]
+    base, side = np.eye(64, dtype=np.float32)[0], np.eye(64, dtype=np.float32)[1]
+    fs = _with_features(planted, tmp_path, {a: base + 0.2 * side, b: base, c: base - 0.25 * side})
+    sims = fs.features @ fs.features.T
+    ia, ib, ic = (fs.index_of(k) for k in (a, b, c))
+    assert sims[ia, ib] > sims[ib, ic] > 0.95 > sims[ia, ic]
+    dups = find_duplicates(fs, 0.95, progress=False)
+    assert set(dups.group_of(a).keys) == {a, b} and dups.group_of(c) is None
+
+
+def test_a_group_larger_than_a_few_percent_is_reported(planted, tmp_path, caplog):
+    base = np.eye(64, dtype=np.float32)[0]
+    # banners without a pixel or hash twin (the flat low-information one shares the placeholders' hash)
+    alone = [*DISTINCT[4:], *(ISSUE_KEYS[i] for i in ("dark", "light", "blurry", "grayscale"))]
+    close = {key: base + 0.01 * np.eye(64, dtype=np.float32)[1 + i] for i, key in enumerate(alone)}
+    with caplog.at_level(logging.WARNING, logger="bannermatch"):
+        dups = find_duplicates(_with_features(planted, tmp_path, close), 0.99, progress=False)
+    assert {frozenset(g.keys) for g in dups.groups if len(g.keys) >= 12} == {frozenset(close)}
+    assert "a duplicate group holds 12 of" in caplog.text
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, 1.5, float("nan"), "0.9"])
+def test_a_threshold_outside_0_1_is_refused(planted, bad):
+    with pytest.raises(BannermatchError, match=r"in \(0, 1\]"):
+        find_duplicates(planted, bad, progress=False)
 
 
 def test_exact_copies_are_decoded_pixels_not_bytes(planted):
@@ -158,21 +226,38 @@ def test_exact_copies_are_decoded_pixels_not_bytes(planted):
     assert {r["key"] for r in records} == set(group) and all(r["name"] == APPS.get(r["key"], "") for r in records)
 
 
-def test_default_threshold_is_a_low_percentile_of_copy_similarity(planted, tiny_weights, monkeypatch):
-    fs = planted
-    threshold = duplicate_threshold(fs, tiny_weights, "cpu", progress=False)
-    # every banner is sampled (200 > 31): embed each one's mild edits here and take the 5th percentile
-    originals = {key: Image.open(_file_of(fs, key)).convert("RGB") for key in fs.keys}
-    backbone = load_backbone(fs.recipe, tiny_weights, "cpu")
-    copies = [transformed_copy(originals[key], edit, 0, key) for key in sorted(fs.keys) for edit in DUPLICATE_EDITS]
-    feats = embed_images(copies, fs.recipe, backbone)
-    rows = [fs.index_of(key) for key in sorted(fs.keys) for _ in DUPLICATE_EDITS]
-    assert threshold == pytest.approx(np.percentile(np.sum(feats * fs.features[rows], 1), 5), abs=1e-4)
+def test_default_threshold_is_calibrated_from_copies_and_distinct_neighbours(planted, tiny_weights, monkeypatch):
+    """Halfway in distance between the median cosine of mild edited copies (a tenth of the collection, one edit
+    each, embedded here again) and the median cosine of each banner's nearest neighbour that neither identical
+    pixels nor pHash link to it (brute force over the full matrix)."""
     import bannermatch.evaluate
 
-    monkeypatch.setattr(bannermatch.evaluate, "_copy_features", lambda *a, **k: pytest.fail("embedded again"))
-    assert duplicate_threshold(fs, progress=False, n_queries=len(fs.keys)) == threshold
-    assert find_duplicates(fs, None, progress=False).threshold == threshold
+    fs = planted
+    calls = []
+    real = bannermatch.evaluate.copy_features
+    monkeypatch.setattr(bannermatch.evaluate, "copy_features", lambda *a, **k: calls.append(k) or real(*a, **k))
+    cal = calibrate_threshold(fs, tiny_weights, "cpu", progress=False)
+    assert cal.n_copies == len(fs.keys) // 10 and calls[0]["one_edit_each"]
+    _, true_index, edits = real(fs, tiny_weights, "cpu", cal.n_copies, 0, MILD_EDITS, False, one_edit_each=True)
+    assert edits == list(MILD_EDITS[:cal.n_copies])
+    originals = [Image.open(_file_of(fs, fs.keys[i])).convert("RGB") for i in true_index]
+    copies = embed_images([transformed_copy(img, edit, 0, fs.keys[i]) for img, edit, i in zip(originals, edits, true_index)],
+                          fs.recipe, load_backbone(fs.recipe, tiny_weights, "cpu", "auto"))  # as the library
+    c = float(np.median(np.sum(copies * fs.features[true_index], axis=1)))
+    strength = _strength(fs, 0.0)
+    sims = fs.features @ fs.features.T
+    np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1)[:, :10]  # the stored top-10, as the report reads them
+    distinct = [sims[i, j] for i, row in enumerate(order) for j in row[(strength[i, row] < 2)][:1]]
+    d = float(np.median(distinct))
+    assert cal.copies == pytest.approx(c, abs=1e-4) and cal.distinct == pytest.approx(d, abs=1e-5)
+    assert cal.threshold == pytest.approx(1 - math.sqrt((1 - c) * (1 - d)), abs=1e-4)
+    assert "midpoint" in cal.rule and f"{c:.3f}" in cal.rule
+    # cached: neither the copies nor the calibration are computed again, and the report uses it
+    monkeypatch.setattr(bannermatch.evaluate, "copy_features", lambda *a, **k: pytest.fail("embedded again"))
+    assert calibrate_threshold(fs, progress=False) == cal
+    dups = find_duplicates(fs, None, progress=False)
+    assert dups.threshold == cal.threshold and dups.calibration == cal and cal.rule in dups.summary()
 
 
 def test_dedupe_leaves_a_querys_own_duplicates_out(planted):
@@ -215,9 +300,19 @@ def test_duplicates_command_writes_json_csv_and_a_gallery_page(planted, tiny_wei
     assert APPS[DISTINCT[2]] in page and len(list((out / "g" / "thumbs").glob("*.jpg"))) == sum(map(len, expected))
     assert (out / "d.csv").read_text().count("\n") == 1 + sum(map(len, expected))
     assert Image.open(out / "d.png").size[0] > 500
+    assert data["rule"] == "given" and data["hash_distance"] == HASH_DISTANCE
+
+
+@pytest.mark.parametrize("args", [["duplicates", "--threshold", "-1"], ["duplicates", "--threshold", "0"],
+                                  ["duplicates", "--threshold", "2"], ["duplicates", "--threshold", "nan"],
+                                  ["duplicates", "--threshold", "x"], ["duplicates", "--hash-distance", "65"],
+                                  ["show", "1", "--dedupe", "0"], ["match", "--dedupe", "1.01"]])
+def test_bad_duplicate_settings_are_one_line_errors(args, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["duplicates", "--threshold", "2", *recipe])
-    assert exit_.value.code == 2 and "between -1 and 1" in capsys.readouterr().err
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "Traceback" not in err[0]
+    assert "(0, 1]" in err[0] or "0 to 64" in err[0] or "invalid" in err[0]
 
 
 # ------------------------------------------------------------------------------------------ unique
@@ -257,11 +352,11 @@ def test_each_detector_flags_the_banner_made_to_have_it_and_no_other(issues, iss
 
 
 def test_measures_are_cached_by_banner_content(planted, issues, monkeypatch, tmp_path):
-    import bannermatch.queries
+    import bannermatch.reports.measures
 
     cache = json.loads((planted.path / "image_stats.json").read_text())
     assert set(cache["measures"]) == set(planted.digests)
-    monkeypatch.setattr(bannermatch.queries, "iter_banners", lambda *a, **k: pytest.fail("banners read again"))
+    monkeypatch.setattr(bannermatch.reports.measures, "iter_banners", lambda *a, **k: pytest.fail("banners read again"))
     again = find_issues(planted, progress=False)
     assert again.flagged == issues.flagged
     assert issues.keys_with("dark", "placeholder") == {ISSUE_KEYS["dark"], *PLACEHOLDERS}
