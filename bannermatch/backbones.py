@@ -193,6 +193,7 @@ class Backbone(nn.Module):
     """
 
     dynamic_size = True  # accepts inputs of any size that is a multiple of the patch size
+    dtype = torch.float32  # the working precision of the weights: see in_precision
 
     def __init__(self, spec: ModelSpec, model: nn.Module, embed_dim: int, depth: int, num_prefix_tokens: int,
                  pool_norm: nn.Module | None = None):
@@ -206,6 +207,15 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor, n_last: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
+
+    def in_precision(self, dtype: torch.dtype) -> Backbone:
+        """The weights in ``dtype``, the precision the model computes in: no autocast, so no casts around every
+        operation (bf16 weights ran 1.07-1.35x autocast over fp32 weights on an AMX CPU; BENCHMARKS.md run 8). The
+        pooling norm stays in float32: the pooled components are accumulated in float32, as under autocast."""
+        self.to(dtype)
+        self.pool_norm.float()
+        self.dtype = dtype
+        return self
 
     def split(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(CLS, patch tokens) of a full token sequence ``[B, prefix + patches, D]``."""

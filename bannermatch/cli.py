@@ -274,10 +274,12 @@ def add_core_commands(sub) -> None:
     p.add_argument("--workers", type=_non_negative, help="image decoding processes (default: none on a CPU; with a GPU, as many "
                    "as keep up with the model, timed on the first batches)")
     p.add_argument("--chunk-size", type=_positive, default=2048, help="images per saved chunk: the unit of resuming")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model: faster for thousands of banners, after 10-30 s of compiling")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the model (default: when the banners left after the first batches outnumber "
+                        "the break-even measured for this device and precision; logged)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="autocast precision (default: bf16, or fp16 on GPUs without bf16, where native; else fp32)")
+                   help="the model's working precision (default: bf16, or fp16 on GPUs without bf16, where native; "
+                        "else fp32)")
     p.add_argument("--limit", type=_positive, metavar="N",
                    help="embed a sample of N banners chosen by app id (the same N, the same sample), to try a "
                         "setting quickly; match/show/gallery read it until the whole collection is embedded")
@@ -310,7 +312,7 @@ def add_core_commands(sub) -> None:
     add_recipe_options(p)
     p.add_argument("-k", type=_positive, default=10, help="neighbours per banner (default: %(default)s)")
     p.add_argument("--queries", nargs="+", default=[EXAMPLE_QUERY], help="what to show (default: %(default)s, Euro Truck Simulator 2)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="autocast precision (default: native bf16/fp16, else fp32)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="the model's working precision (default: native bf16/fp16, else fp32)")
     p.add_argument("--out", type=_new_file, metavar="PNG", help=f"grid image (default: {DEFAULT_GRID})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)

@@ -41,7 +41,7 @@ from .errors import BannermatchError
 from .extraction import embed_components, extract_features, load_backbone, resolve_limit
 from .matches import find_matches
 from .pooling import COMPONENTS, view
-from .recipe import Recipe, make_recipe, resolve_device, resolve_dtype
+from .recipe import Recipe, make_recipe
 from .search import top_k
 from .store import DEFAULT_STORE, FeatureSet
 from .files import atomic_write
@@ -581,13 +581,12 @@ def copy_features(fs: FeatureSet, weights=None, device=None, n_queries: int = 20
         pass
     except (OSError, ValueError, KeyError):
         log.warning("%s is damaged; embedding the copies again", cache)
-    backbone = load_backbone(fs.recipe, weights, device)
-    run_dtype = resolve_dtype(dtype, resolve_device(device))
+    backbone = load_backbone(fs.recipe, weights, device, dtype)
     out: dict[str, list[np.ndarray]] = {name: [] for name in COMPONENTS}
     with tqdm(total=len(jobs), desc=f"embedding copies {fs.recipe.label}", unit="img", disable=not progress) as bar:
         for start in range(0, len(jobs), _COPY_BATCH):
             batch = [transformed_copy(originals[key], t, seed, key) for key, t in jobs[start:start + _COPY_BATCH]]
-            for name, values in embed_components(batch, fs.recipe, backbone, dtype=run_dtype).items():
+            for name, values in embed_components(batch, fs.recipe, backbone).items():
                 out[name].append(values)
             bar.update(len(batch))
     parts = {name: np.concatenate(values) for name, values in out.items()}

@@ -82,7 +82,7 @@ class Explorer(widgets.VBox):
         built_from = (recipe.model, recipe.source, recipe.weights, recipe.arch, recipe.input_size(), self.device)
         if self._backbone is None or self._backbone[0] != built_from:
             self._backbone = None  # let the previous model go before the next one loads
-            self._backbone = (built_from, load_backbone(recipe, self.weights, self.device))
+            self._backbone = (built_from, load_backbone(recipe, self.weights, self.device, "auto"))
         return self._backbone[1]
 
     def _target(self, text: str) -> str | None:

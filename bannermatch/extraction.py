@@ -1,8 +1,9 @@
 """Extraction: preprocessing, the batched forward pass, and embedding a collection into the feature store.
 
 Extraction is batched and streamed (images are read, hashed, decoded and resized while the model runs), runs
-under autocast, and writes each finished segment to the store at once, so an interrupted run resumes where it
-stopped and a re-run embeds only banners whose bytes are new.
+the model in its working precision (its weights in bf16 or fp16 where the hardware computes them natively),
+compiles it when the collection is large enough for compiling to pay, and writes each finished segment to the
+store at once, so an interrupted run resumes where it stopped and a re-run embeds only banners whose bytes are new.
 """
 
 from __future__ import annotations
@@ -75,17 +76,11 @@ def _padded_by_keep(img: Image.Image, recipe: Recipe) -> bool:
 
 # ------------------------------------------------------------------------------------------ the forward pass
 
-def _autocast(device: torch.device, dtype: str):
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, dtype))
-
-
 @torch.inference_mode()
-def compute_components(backbone: Backbone, images: torch.Tensor, recipe: Recipe, dtype: str = "float32") -> dict[str, torch.Tensor]:
-    """One forward pass per scale -> the pooling components (:mod:`bannermatch.pooling`), float32, summed over
-    scales: every strategy is read from them."""
-    device = images.device
+def compute_components(backbone: Backbone, images: torch.Tensor, recipe: Recipe) -> dict[str, torch.Tensor]:
+    """One forward pass per scale, in the backbone's working precision (:meth:`~bannermatch.backbones.Backbone.in_precision`),
+    -> the pooling components (:mod:`bannermatch.pooling`), float32, summed over scales: every strategy is read
+    from them."""
     patch = backbone.spec.patch_size
     n_last = min(STORED_BLOCKS, backbone.depth)
     total: dict[str, torch.Tensor] | None = None
@@ -94,31 +89,47 @@ def compute_components(backbone: Backbone, images: torch.Tensor, recipe: Recipe,
         if scale != 1.0:  # whole image rescaled to whole patches (DINO's conv would drop the remainder)
             size = [max(patch, int(s * scale) // patch * patch) for s in images.shape[-2:]]
             x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-        with _autocast(device, dtype):
-            parts = pool_components(backbone(x, n_last), backbone.pool_norm)
+        parts = pool_components(backbone(x.to(backbone.dtype), n_last), backbone.pool_norm)
         parts = {name: value.float() for name, value in parts.items()}
         total = parts if total is None else {name: total[name] + parts[name] for name in total}
     return total
 
 
-def compute_features(backbone: Backbone, images: torch.Tensor, recipe: Recipe, dtype: str = "float32") -> torch.Tensor:
+def compute_features(backbone: Backbone, images: torch.Tensor, recipe: Recipe) -> torch.Tensor:
     """L2-normalised features ``[B, F]`` (float32) of ``recipe``'s strategy for a batch of preprocessed images."""
-    return view(compute_components(backbone, images, recipe, dtype), recipe)
+    return view(compute_components(backbone, images, recipe), recipe)
+
+
+# torch.compile on each device and precision, as `python -m benchmarks --only embedding` measured it (BENCHMARKS.md
+# run 8, 2-core AMX CPU, bf16 weights, 2 threads): seconds of compiling (cold compiler cache) and the compiled
+# model's speed-up over the eager one, so it is chosen past about 8,000-15,000 banners there. Where none is listed
+# compiling is not known to pay and is off unless asked for: on an AVX2 CPU the compiled fp32 model ran slower
+# than the eager one (run 7); on GPUs it is unmeasured.
+COMPILE_GAINS: dict[tuple[str, str], tuple[float, float]] = {("cpu", "bfloat16"): (15.0, 1.09)}
+
+
+def compile_break_even(model_seconds: float, device: torch.device, dtype: str) -> float | None:
+    """Images after which compiling has paid for itself: its seconds over the seconds it saves an image, from the
+    eager model's measured ``model_seconds`` an image; None where compiling is not known to pay."""
+    gain = COMPILE_GAINS.get((device.type, dtype))
+    if gain is None or gain[1] <= 1:  # no faster compiled: it never pays
+        return None
+    seconds, speedup = gain
+    return seconds / (model_seconds * (1 - 1 / speedup))
 
 
 class CompiledEmbedder:
     """``compute_components`` through ``torch.compile``, with the weights frozen into the graph (inference only).
 
-    On the 2-core CPU of BENCHMARKS.md the compiled ViT-S/16 ran 1.23x the eager one after 9-26 s of compiling
-    (warm or cold compiler cache), so it pays off from about 3,000-9,000 images. Batches are padded to one size,
-    so the graph is compiled once; if compiling fails (no C++ compiler, an unsupported operation), the eager
-    model goes on.
+    The speed-up and the seconds of compiling per device are :data:`COMPILE_GAINS`. Batches are padded to one
+    size, so the graph is compiled once; if compiling fails (no C++ compiler, an unsupported operation), the
+    eager model goes on.
     """
 
-    def __init__(self, backbone: Backbone, recipe: Recipe, batch_size: int, dtype: str):
+    def __init__(self, backbone: Backbone, recipe: Recipe, batch_size: int):
         import torch._inductor.config  # noqa: F401  (freezing is set per call below)
 
-        self.backbone, self.recipe, self.batch_size, self.dtype = backbone, recipe, batch_size, dtype
+        self.backbone, self.recipe, self.batch_size = backbone, recipe, batch_size
         self.compiled = torch.compile(backbone, dynamic=False)
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -128,14 +139,14 @@ class CompiledEmbedder:
                 if n < self.batch_size else images
             try:
                 with torch._inductor.config.patch(freezing=True):
-                    parts = compute_components(self.compiled, padded, self.recipe, self.dtype)
+                    parts = compute_components(self.compiled, padded, self.recipe)
                 return {name: value[:n] for name, value in parts.items()}
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:  # compilers fail in too many ways to list; the eager model is always there
                 log.warning("torch.compile failed, embedding without it: %s", str(exc).strip().splitlines()[0])
                 self.compiled = None
-        return compute_components(self.backbone, images, self.recipe, self.dtype)
+        return compute_components(self.backbone, images, self.recipe)
 
 
 @contextlib.contextmanager
@@ -160,8 +171,9 @@ def _cpu_heap_kept(device: torch.device):
             libc.malloc_trim(0)
 
 
-def load_backbone(recipe: Recipe, weights: str | Path | None = None, device=None) -> Backbone:
-    """The model a recipe names; local ``weights`` must be the very file the recipe was made with."""
+def load_backbone(recipe: Recipe, weights: str | Path | None = None, device=None, dtype: str = "float32") -> Backbone:
+    """The model a recipe names, on ``device``, its weights in ``dtype`` (``auto``: see
+    :func:`~bannermatch.recipe.resolve_dtype`); local ``weights`` must be the very file the recipe was made with."""
     if weights_identity(weights) != recipe.weights:
         raise BannermatchError(
             "these features were made with " + (f"local weights {recipe.weights}" if recipe.weights else "the published weights")
@@ -172,13 +184,13 @@ def load_backbone(recipe: Recipe, weights: str | Path | None = None, device=None
     # On CPU, at these batch sizes, plain attention ran 1.09x (ViT-B/16) to 1.39x (ViT-S/8) faster than PyTorch's
     # fused kernel (BENCHMARKS.md); on a GPU the fused (flash) kernel is the fast one.
     backbone.set_fused_attention(device.type != "cpu")
-    return backbone.to(device)
+    return backbone.to(device).in_precision(getattr(torch, resolve_dtype(dtype, device)))
 
 
-def embed_components(images: Iterable[Image.Image], recipe: Recipe, backbone: Backbone, batch_size: int = 32,
-                     dtype: str = "float32") -> dict[str, np.ndarray]:
+def embed_components(images: Iterable[Image.Image], recipe: Recipe, backbone: Backbone,
+                     batch_size: int = 32) -> dict[str, np.ndarray]:
     """Pooling components for in-memory images (queries, edited copies), decoded and preprocessed exactly as the
-    stored banners were."""
+    stored banners were, in the backbone's precision."""
     transform = build_transform(recipe)
     device = next(backbone.parameters()).device
     out: dict[str, list[np.ndarray]] = {name: [] for name in COMPONENTS}
@@ -187,7 +199,7 @@ def embed_components(images: Iterable[Image.Image], recipe: Recipe, backbone: Ba
         if img is not None:
             batch.append(transform(prepare_image(img)))
         if batch and (img is None or len(batch) == batch_size):
-            parts = compute_components(backbone, torch.stack(batch).to(device), recipe, dtype)
+            parts = compute_components(backbone, torch.stack(batch).to(device), recipe)
             for name in COMPONENTS:
                 out[name].append(parts[name].cpu().numpy())
             batch = []
@@ -198,10 +210,9 @@ def embed_components(images: Iterable[Image.Image], recipe: Recipe, backbone: Ba
     return {name: np.concatenate(values) for name, values in out.items()}
 
 
-def embed_images(images: Iterable[Image.Image], recipe: Recipe, backbone: Backbone, batch_size: int = 32,
-                 dtype: str = "float32") -> np.ndarray:
+def embed_images(images: Iterable[Image.Image], recipe: Recipe, backbone: Backbone, batch_size: int = 32) -> np.ndarray:
     """Features of ``recipe``'s strategy for in-memory images, as :func:`embed_components`."""
-    return view(embed_components(images, recipe, backbone, batch_size, dtype), recipe).numpy()
+    return view(embed_components(images, recipe, backbone, batch_size), recipe).numpy()
 
 
 # ------------------------------------------------------------------------------------------ a collection
@@ -268,8 +279,12 @@ class _Pace:
             self.model_s, self.modelled_n = self.model_s + seconds, self.modelled_n + n
 
     @property
+    def model_measured(self) -> bool:
+        return self.model_batches >= self.WARMUP + self.MEASURED and self.modelled_n > 0
+
+    @property
     def ready(self) -> bool:
-        return self.model_batches >= self.WARMUP + self.MEASURED and self.decoded_n > 0
+        return self.model_measured and self.decoded_n > 0
 
     def workers(self, cpus: int) -> int:
         """0 (decoding inline) while decoding is cheap beside the model; else as many processes as decode at the
@@ -327,7 +342,7 @@ def extract_features(
     workers: int | None = None,
     chunk_size: int = 2048,
     progress: bool = True,
-    compile: bool = False,
+    compile: bool | None = None,
     dtype: str = "auto",
     limit: int | None = None,
     include: Iterable[str] = (),
@@ -336,11 +351,13 @@ def extract_features(
 
     Only banners whose bytes are not stored yet are embedded: a re-run embeds nothing, an update embeds what is
     new or changed, an interrupted run resumes. Unusable images are skipped with a warning and listed; the run
-    goes on. ``dtype`` is the autocast precision (``auto``: bf16/fp16 where the hardware has it natively);
+    goes on. ``dtype`` is the model's working precision, its weights cast to it (``auto``: bf16/fp16 where the
+    hardware computes it natively, else fp32); the pooled components are accumulated in fp32 whatever it is;
     ``batch_size`` defaults to :func:`~bannermatch.recipe.default_batch_size`; ``workers`` (decoding processes)
     to none on a CPU, and with a GPU to as many as keep up with the model, timed on the first batches.
-    ``compile`` runs the model through ``torch.compile`` (:class:`CompiledEmbedder`): worth it for thousands of
-    images. ``limit`` embeds a sample of that many banners
+    ``compile`` runs the model through ``torch.compile`` (:class:`CompiledEmbedder`); by default (None) the
+    first batches run eager, and the rest compiled if they outnumber the break-even of :func:`compile_break_even`
+    on this device (logged beside the time estimate). ``limit`` embeds a sample of that many banners
     chosen by app id (:meth:`~bannermatch.sources.ImageSource.sample`: the same for the same ``limit``, with the
     keys of ``include`` among them), to try a setting quickly; the sample's features are kept for the full run,
     and the pass is read as the sample until the full collection is embedded.
@@ -413,10 +430,10 @@ def extract_features(
                     learnt[identities[i]] = digest
                 if batch["indices"]:
                     if backbone is None:  # loaded only when something is new
-                        backbone = load_backbone(recipe, weights, dev)
+                        backbone = load_backbone(recipe, weights, dev, run_dtype)
                         run["blocks"] = min(STORED_BLOCKS, backbone.depth)
-                        embed = CompiledEmbedder(backbone, recipe, batch_size, run_dtype) if compile else (
-                            lambda x: compute_components(backbone, x, recipe, run_dtype))
+                        embed = CompiledEmbedder(backbone, recipe, batch_size) if compile else (
+                            lambda x: compute_components(backbone, x, recipe))
                     start = time.perf_counter()
                     parts = embed(batch["images"].to(dev, non_blocking=True))
                     for name in COMPONENTS:
@@ -429,6 +446,10 @@ def extract_features(
                     padded += batch["padded"]
                 bar.update(len(batch["indices"]) + len(batch["settled"]) + len(batch["skipped"]))
                 clock.step(len(batch["indices"]) + len(batch["settled"]) + len(batch["skipped"]))
+                if compile is None and pace.model_measured:  # decided once, on the eager model's measured speed
+                    compile = _compile_pays(pace.model_s / pace.modelled_n, len(todo) - clock.done, dev, run_dtype)
+                    if compile:
+                        embed = CompiledEmbedder(backbone, recipe, batch_size)
                 flush()
             flush(final=True)
             if learnt or failed:
@@ -450,6 +471,20 @@ def extract_features(
     return fstore.feature_set(recipe, collection)
 
 
+def _compile_pays(model_seconds: float, left: int, device: torch.device, dtype: str) -> bool:
+    """Whether compiling pays for the ``left`` images of a run, whose eager model takes ``model_seconds`` an image;
+    logged with the figures it was decided on."""
+    break_even = compile_break_even(model_seconds, device, dtype)
+    if break_even is None:
+        return False
+    seconds, speedup = COMPILE_GAINS[(device.type, dtype)]
+    pays = left > break_even
+    log.info("torch.compile pays from about %s banners on %s (%s): %.0f s of compiling for %.2fx the eager model's "
+             "%.1f ms an image; %d left: %s", f"{math.ceil(break_even):,}", device.type, dtype, seconds, speedup,
+             1e3 * model_seconds, left, "compiling" if pays else "not compiling")
+    return pays
+
+
 @torch.inference_mode()
 def estimate_seconds(recipe: Recipe, n: int, device=None, dtype: str = "auto", batch_size: int | None = None) -> float:
     """About how long the model takes to embed ``n`` banners with ``recipe``'s pass on ``device`` (decoding not
@@ -465,15 +500,15 @@ def estimate_seconds(recipe: Recipe, n: int, device=None, dtype: str = "auto", b
                     preprocess=recipe.preprocess if resizable else "crop", multiscale=recipe.multiscale and resizable)
     scale = 1.0 if resizable else recipe.tokens() / probe.tokens() * (
         sum(s * s for s in MULTISCALE) if recipe.multiscale else 1.0)
-    backbone = load_backbone(probe, None, dev)
+    backbone = load_backbone(probe, None, dev, run_dtype)
     # a few images per batch on a CPU: the rate per image hardly changes, and the estimate stays quick
     batch_size = batch_size or (default_batch_size(probe, dev) if dev.type == "cuda" else 4)
     x = torch.randn(batch_size, 3, *probe.input_size(), device=dev)
-    compute_components(backbone, x, probe, run_dtype)  # warm-up
+    compute_components(backbone, x, probe)  # warm-up
     _synchronize(dev)
     started = time.perf_counter()
     for _ in range(2):
-        compute_components(backbone, x, probe, run_dtype)
+        compute_components(backbone, x, probe)
     _synchronize(dev)
     return n * scale * (time.perf_counter() - started) / (2 * batch_size)
 
@@ -490,7 +525,7 @@ def resolve_limit(limit: int | str | None, device=None) -> int | None:
 
 def embed_settings(images: str | Path | ImageSource, recipes: Iterable[Recipe], store: str | Path = DEFAULT_STORE,
                    weights: str | Path | None = None, device=None, limit: int | str | None = "auto",
-                   include: Iterable[str] = (), compile: bool = False, progress: bool = True) -> list[FeatureSet]:
+                   include: Iterable[str] = (), compile: bool | None = None, progress: bool = True) -> list[FeatureSet]:
     """The features of several settings on the same banners (a sample of ``limit``, see :func:`resolve_limit`, with
     ``include`` among them), after printing how long it will take at most. Settings that differ only in their
     strategy share one forward pass."""

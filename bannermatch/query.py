@@ -13,7 +13,6 @@ import numpy as np
 from .errors import BannermatchError
 from .extraction import embed_images, load_backbone
 from .matches import Matches
-from .recipe import resolve_device, resolve_dtype
 from .search import top_k
 from .sources import SkipImage, decode_image, prepare_image
 from .steam import search_names
@@ -124,10 +123,10 @@ def query(
                                      [(features.keys[j], float(s)) for j, s in zip(ix, sc)])
     if images_at:
         imgs = [_open_query_image(queries[i]) for i in images_at]
-        backbone = backbone or load_backbone(features.recipe, weights, device)
+        backbone = backbone or load_backbone(features.recipe, weights, device, "auto")
         if getattr(backbone, "spec", None) is None or backbone.spec.name != features.recipe.model:
             raise BannermatchError(f"queries must be embedded with {features.recipe.model}, the feature set's model")
-        feats = embed_images(imgs, features.recipe, backbone, dtype=resolve_dtype("auto", resolve_device(device)))
+        feats = embed_images(imgs, features.recipe, backbone)
         if exclude is not None:
             idx, scores = exclude.top_k(feats, k, None, device)
         else:

@@ -157,7 +157,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> str:
-    """The autocast dtype a run uses: ``auto`` is the fastest one the hardware computes natively."""
+    """The precision a run's model computes in (its weights cast to it): ``auto`` is the fastest one the hardware
+    computes natively."""
     dtype = dtype or "auto"
     if dtype not in DTYPES:
         raise BannermatchError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
@@ -165,7 +166,7 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> str:
         return dtype
     if device.type == "cuda":
         return "bfloat16" if gpu_has_bf16(device) else "float16"
-    # bf16 autocast pays off on CPUs with native bf16 dot products (AVX512-BF16 / AMX); elsewhere fp32.
+    # bf16 pays off on CPUs with native bf16 dot products (AVX512-BF16 / AMX); elsewhere fp32 (BENCHMARKS.md run 7).
     return "bfloat16" if torch.backends.mkldnn.is_available() and cpu_has_bf16() else "float32"
 
 

@@ -131,7 +131,7 @@ def build_options(backbone, recipe, batch: int, tmp: Path, calibration: torch.Te
     example = torch.zeros(batch, 3, *recipe.input_size())
     options = {"torch fp32 eager": lambda x: {k: v.numpy() for k, v in compute_components(backbone, x, recipe).items()}}
 
-    compiled = CompiledEmbedder(backbone, recipe, batch, "float32")
+    compiled = CompiledEmbedder(backbone, recipe, batch)
     start = time.perf_counter()
     compiled(example)
     print(f"  [cpu-options] torch.compile: the first batch took {time.perf_counter() - start:.1f} s", file=sys.stderr)

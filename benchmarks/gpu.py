@@ -32,8 +32,8 @@ def _processes(w: int, what: str = "") -> str:
 
 
 def bench_gpu(args, tmp: Path) -> dict:
-    from benchmarks.run import (MODELS, _DecodeDataset, _interleaved, _with_attention, clustered_features, decoder,
-                                model_only, photo_jpegs, random_checkpoint)
+    from benchmarks.run import (MODELS, _DecodeDataset, _interleaved, _with_attention, autocast_model_only,
+                                clustered_features, decoder, model_only, photo_jpegs, random_checkpoint)
     from bannermatch.extraction import _usable_cpus, extract_features, load_backbone
     from bannermatch.recipe import default_batch_size, make_recipe, resolve_dtype
     from bannermatch.search import top_k_all_pairs
@@ -52,17 +52,25 @@ def bench_gpu(args, tmp: Path) -> dict:
         weights = random_checkpoint(model, tmp)
         recipe = make_recipe(model, weights=weights)
         dtype = resolve_dtype("auto", device)
-        backbone = load_backbone(recipe, weights, device)
+        backbone = load_backbone(recipe, weights, device, dtype)
         batch = args.batch_size or default_batch_size(recipe, device)
         n, quarter = len(blobs), max(1, len(blobs) // 4)
         runs = {}
         for size in args.gpu_batches:
             for fused in (True, False):
                 def alone(count, size=size, fused=fused):
-                    _with_attention(backbone, fused, lambda: model_only(backbone, recipe, size, count, dtype, device))
+                    _with_attention(backbone, fused, lambda: model_only(backbone, recipe, size, count, device))
                 alone(size)  # the first call's set-up stays out of the timing
                 runs[("model only", f"{dtype}, batch {size}, {'fused' if fused else 'plain'} attention")] = (
                     n, _synced(lambda alone=alone: alone(n), device))
+        if dtype != "float32":  # the weights cast against the way before them: autocast over float32 weights
+            fp32, size = load_backbone(recipe, weights, device), args.gpu_batches[0]
+
+            def autocast(count, fp32=fp32, size=size):
+                autocast_model_only(fp32, recipe, size, count, dtype, device)
+            autocast(size)
+            runs[("model only", f"{dtype} autocast over float32 weights, batch {size}, fused attention")] = (
+                n, _synced(lambda autocast=autocast: autocast(n), device))
         dataset = _DecodeDataset(blobs, recipe, hint=True)
         for w in counts:
             runs[("decode only", _processes(w))] = (n, decoder(dataset, w, batch))

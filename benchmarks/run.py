@@ -14,6 +14,7 @@ import argparse
 import datetime
 import importlib.util
 import json
+import os
 import platform
 import random
 import resource
@@ -32,6 +33,7 @@ MODELS = {"vits16": "dino_vits16", "vitb16": "dino_vitb16", "vits8": "dino_vits8
 SEARCH_METHODS = ("ours fp32", "ours bf16", "faiss IndexFlatIP", "full N x N matrix")
 PARTS = ("embedding", "decode", "cpu-options", "gpu", "search", "names")
 OPT_IN_PARTS = ("cpu-options", "gpu")  # OpenVINO/NNCF and the real weights; a GPU: only with --only
+GEMM = 2048  # the square matrix product whose rate is the arithmetic ceiling the model is measured against
 DECODE_SETS = {  # (width, height): what each image source delivers
     "300x450 JPEG (Steam CDN banner)": (300, 450),
     "600x900 JPEG (CDN original)": (600, 900),
@@ -69,14 +71,6 @@ def _peak_rss_bytes() -> int:
 
 # ------------------------------------------------------------------------------------------ embedding
 
-def make_banners(folder: Path, n: int) -> Path:
-    draw = _draw_banner()
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        draw(i).save(folder / f"{100000 + i}.jpg", quality=90)
-    return folder
-
-
 def random_checkpoint(model: str, folder: Path) -> Path:
     """Random weights of the real architecture (no download): timm builds it without pretrained weights when
     given an architecture override, here the architecture's own depth."""
@@ -110,33 +104,54 @@ def original_pipeline(images: list[Path], model: str, weights: Path, out: Path) 
     np.save(out, np.stack(feats), allow_pickle=False)
 
 
-def model_only(embed, recipe, batch_size: int, n: int, dtype: str = "float32", device="cpu") -> None:
-    """The model (and pooling) alone on already preprocessed batches (already on ``device``): the ceiling for
-    the whole pipeline. ``embed`` is a backbone (run through ``compute_components``) or a ``CompiledEmbedder``."""
+def model_only(embed, recipe, batch_size: int, n: int, device="cpu") -> None:
+    """The model (and pooling) alone on already preprocessed batches (already on ``device``), in the backbone's
+    working precision: the ceiling for the whole pipeline. ``embed`` is a backbone (run through
+    ``compute_components``) or a ``CompiledEmbedder``."""
     from bannermatch.extraction import CompiledEmbedder, compute_components
 
     x = torch.randn(batch_size, 3, *recipe.input_size(), device=device)
     for start in range(0, n, batch_size):  # exactly n images, a short last batch included, as end to end
         batch = x[:min(batch_size, n - start)]
-        embed(batch) if isinstance(embed, CompiledEmbedder) else compute_components(embed, batch, recipe, dtype)
+        embed(batch) if isinstance(embed, CompiledEmbedder) else compute_components(embed, batch, recipe)
+
+
+def autocast_model_only(backbone, recipe, batch_size: int, n: int, dtype: str, device="cpu") -> None:
+    """:func:`model_only` the way extraction ran before the weights were cast (issue #21): autocast to ``dtype``
+    around a float32 model."""
+    with torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype)):
+        model_only(backbone, recipe, batch_size, n, device)
+
+
+def gemm_ceiling(dtype: str, size: int = GEMM) -> tuple[int, object]:
+    """A run for :func:`_interleaved`: ten square matrix products in ``dtype`` (the arithmetic peak the model's
+    matrix products can reach here), counted as ten 'images'."""
+    a, b = (torch.randn(size, size).to(getattr(torch, dtype)) for _ in range(2))
+    return 10, lambda: [a @ b for _ in range(10)]
 
 
 def bench_embedding(args, tmp: Path) -> list[dict]:
-    from bannermatch.extraction import CompiledEmbedder, extract_features, load_backbone
+    from benchmarks.cpu_options import model_flops
+    from bannermatch.extraction import COMPILE_GAINS, CompiledEmbedder, extract_features, load_backbone
     from bannermatch.recipe import default_batch_size, make_recipe, resolve_dtype
 
-    folder = make_banners(tmp / "banners", args.images)
+    folder = tmp / "banners"
+    folder.mkdir()
+    for i, blob in enumerate(photo_jpegs((300, 450), args.images)):  # real photos: what decoding really costs
+        (folder / f"{100000 + i}.jpg").write_bytes(blob)
     images = sorted(folder.glob("*.jpg"))
     baseline_images = images[:args.baseline_images]
-    rows = []
+    n = len(images)
+    results = []
     for short in args.models:
         model = MODELS[short]
         weights = random_checkpoint(model, tmp)
         recipe = make_recipe(model, weights=weights)
         dtype = resolve_dtype("auto", torch.device("cpu"))
-        model_backbone = load_backbone(recipe, weights, "cpu")
+        working = load_backbone(recipe, weights, "cpu", dtype)
+        fp32 = load_backbone(recipe, weights, "cpu")
         batch = args.batch_size or default_batch_size(recipe, "cpu")
-        attention = "fused" if model_backbone.model.blocks[0].attn.fused_attn else "plain"
+        attention = "fused" if working.model.blocks[0].attn.fused_attn else "plain"
         other = "plain" if attention == "fused" else "fused"
         runs: dict[str, tuple[int, object]] = {
             "original-style (PIL, fp32, batch 1, eager attention)":
@@ -144,33 +159,43 @@ def bench_embedding(args, tmp: Path) -> list[dict]:
         }
         for w in args.workers:
             runs[f"bannermatch extract_features ({dtype}, batch {batch}, workers={w})"] = (
-                len(images), lambda w=w: extract_features(folder, recipe, tempfile.mkdtemp(dir=tmp), weights, "cpu",
-                                                         batch, w, progress=False, dtype=dtype))
+                n, lambda w=w: extract_features(folder, recipe, tempfile.mkdtemp(dir=tmp), weights, "cpu", batch, w,
+                                                progress=False, compile=False, dtype=dtype))
         runs[f"model only ({dtype}, batch {batch}, {attention} attention)"] = (
-            len(images), lambda: model_only(model_backbone, recipe, batch, len(images), dtype))
+            n, lambda: model_only(working, recipe, batch, n))
         if dtype != "float32":
+            runs[f"model only ({dtype} autocast over float32 weights, batch {batch}, {attention} attention)"] = (
+                n, lambda: autocast_model_only(fp32, recipe, batch, n, dtype))
             runs[f"model only (float32, batch {batch}, {attention} attention)"] = (
-                len(images), lambda: model_only(model_backbone, recipe, batch, len(images), "float32"))
+                n, lambda: model_only(fp32, recipe, batch, n))
         runs[f"model only ({dtype}, batch {batch}, {other} attention)"] = (
-            len(images), lambda: _with_attention(model_backbone, other == "fused",
-                                                 lambda: model_only(model_backbone, recipe, batch, len(images), dtype)))
+            n, lambda: _with_attention(working, other == "fused", lambda: model_only(working, recipe, batch, n)))
         if batch != 64:
             runs[f"model only ({dtype}, batch 64, {attention} attention)"] = (
-                len(images), lambda: model_only(model_backbone, recipe, 64, len(images), dtype))
+                n, lambda: model_only(working, recipe, 64, n))
+        compile_s = None
         if args.compile:
             runs[f"bannermatch extract_features ({dtype}, batch {batch}, workers=0, compile=True)"] = (
-                len(images), lambda: extract_features(folder, recipe, tempfile.mkdtemp(dir=tmp), weights, "cpu",
-                                                      batch, 0, progress=False, compile=True, dtype=dtype))
-            compiled = CompiledEmbedder(model_backbone, recipe, batch, dtype)
-            start = time.perf_counter()
+                n, lambda: extract_features(folder, recipe, tempfile.mkdtemp(dir=tmp), weights, "cpu", batch, 0,
+                                            progress=False, compile=True, dtype=dtype))
+            compiled = CompiledEmbedder(working, recipe, batch)
+            start = CLOCKS[args.clock]()
             model_only(compiled, recipe, batch, batch)  # the first batch compiles
-            print(f"  [{short}] torch.compile: the first batch took {time.perf_counter() - start:.1f} s", file=sys.stderr)
+            compile_s = CLOCKS[args.clock]() - start
+            print(f"  [{short}] torch.compile: the first batch took {compile_s:.1f} s", file=sys.stderr)
             runs[f"model only ({dtype}, batch {batch}, {attention} attention, compiled)"] = (
-                len(images), lambda: model_only(compiled, recipe, batch, len(images)))
-        rates = _interleaved(runs, args.repeats, short)
-        for name, r in rates.items():
-            rows.append({"model": model, "pipeline": name, "best": max(r), "median": statistics.median(r)})
-    return rows
+                n, lambda: model_only(compiled, recipe, batch, n))
+        gemm = {precision: f"GEMM {GEMM}^3 x10, {precision}" for precision in dict.fromkeys((dtype, "float32"))}
+        for precision, name in gemm.items():
+            runs[name] = gemm_ceiling(precision)
+        rates = _interleaved(runs, args.repeats, short, args.clock)
+        results.append({
+            "model": model, "dtype": dtype, "flops": model_flops(working, recipe), "compile_s": compile_s,
+            "clock": args.clock,
+            "gain": COMPILE_GAINS.get(("cpu", dtype)),
+            "gemm": {precision: max(rates.pop(name)) * 2 * GEMM ** 3 / 1e9 for precision, name in gemm.items()},
+            "rows": [{"pipeline": name, "best": max(r), "median": statistics.median(r)} for name, r in rates.items()]})
+    return results
 
 
 def _with_attention(backbone, fused: bool, fn):
@@ -182,18 +207,55 @@ def _with_attention(backbone, fused: bool, fn):
         backbone.set_fused_attention(saved)
 
 
-def print_embedding(rows: list[dict]) -> None:
-    print("\n## Embedding throughput (images/s; best and median of the interleaved repeats)\n")
+def print_embedding(results: list[dict]) -> None:
+    per = "second of this process's CPU time" if results and results[0]["clock"] == "cpu" else "second"
+    print(f"\n## Embedding throughput (images a {per}; best and median of the interleaved repeats)\n")
     print("| model | pipeline | best img/s | median img/s | vs original-style | vs model only |")
     print("|---|---|---:|---:|---:|---:|")
-    for model in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == model]
-        original = next(r["best"] for r in mine if r["pipeline"].startswith("original"))
-        ceiling = next(r["best"] for r in mine if r["pipeline"].startswith("model only"))
-        for r in mine:
-            end_to_end = not r["pipeline"].startswith("model only")
-            print(f"| {model} | {r['pipeline']} | {r['best']:.1f} | {r['median']:.1f} | {r['best'] / original:.2f}x | "
-                  + (f"{r['best'] / ceiling:.0%} |" if end_to_end else "— |"))
+    for r in results:
+        original = next(x["best"] for x in r["rows"] if x["pipeline"].startswith("original"))
+        ceiling = next(x["best"] for x in r["rows"] if x["pipeline"].startswith("model only"))
+        for x in r["rows"]:
+            end_to_end = not x["pipeline"].startswith("model only")
+            print(f"| {r['model']} | {x['pipeline']} | {x['best']:.1f} | {x['median']:.1f} | {x['best'] / original:.2f}x | "
+                  + (f"{x['best'] / ceiling:.0%} |" if end_to_end else "— |"))
+    for r in results:
+        print(f"\n{embedding_summary(r)}")
+
+
+def embedding_summary(r: dict) -> str:
+    """The figures the targets are read from: end to end against the original-style loop and the model alone,
+    the model's share of the GEMM ceiling of its precision, and where compiling pays."""
+    best = {x["pipeline"]: x["best"] for x in r["rows"]}
+    original = next(v for k, v in best.items() if k.startswith("original"))
+    ours = next(v for k, v in best.items() if k.startswith("bannermatch") and k.endswith("workers=0)"))
+    alone = next(v for k, v in best.items() if k.startswith("model only"))
+    gflops = r["flops"] / 1e9
+    ceiling = r["gemm"][r["dtype"]]
+    lines = [f"{r['model']}, {gflops:.2f} GFLOP an image: end to end (workers=0) {ours:.1f} img/s, {ours / original:.2f}x "
+             f"the original-style loop, {ours / alone:.0%} of the model alone in the same precision ({r['dtype']}, "
+             f"{alone:.1f} img/s). The model alone computes {alone * gflops:.0f} GFLOP/s: {alone * gflops / ceiling:.0%} "
+             f"of the {r['dtype']} GEMM ceiling measured in the same run ({ceiling:.0f} GFLOP/s; float32 "
+             f"{r['gemm']['float32']:.0f} GFLOP/s)."]
+    autocast = next((v for k, v in best.items() if "autocast" in k), None)
+    if autocast:
+        lines.append(f"Weights in {r['dtype']}: {alone / autocast:.2f}x autocast over float32 weights.")
+    compiled = next((v for k, v in best.items() if k.startswith("model only") and k.endswith("compiled)")), None)
+    if compiled and r["compile_s"] is not None:
+        saved = 1 / alone - 1 / compiled  # seconds compiling saves an image
+        lines.append(f"torch.compile: {r['compile_s']:.1f} s on the first batch, then {compiled:.1f} img/s "
+                     f"({compiled / alone:.2f}x the eager model alone)" + (
+                         f": pays from {r['compile_s'] / saved:,.0f} images" if saved > 0 else ": never pays")
+                     + (f" (the library's figures, {r['gain'][0]:.0f} s for {r['gain'][1]:.2f}x, say "
+                        f"{r['gain'][0] / (1 / alone * (1 - 1 / r['gain'][1])):,.0f})" if r["gain"] else "") + ".")
+        if saved > 0:  # end to end with the model's time replaced by the compiled model's, compiling included
+            steady = 1 / (1 / ours - saved)
+            amortised = ", ".join(f"{steady * m / (m + steady * r['compile_s']):.1f} img/s "
+                                  f"({steady * m / (m + steady * r['compile_s']) / original:.2f}x) at {m:,}"
+                                  for m in (30_000, 100_000))
+            lines.append(f"End to end compiled, derived (the eager run with the compiled model's time per image, plus "
+                         f"compiling once): {amortised} banners.")
+    return " ".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ decode ceiling
@@ -276,21 +338,32 @@ def bench_decode(args, tmp: Path) -> list[dict]:
             for w in (0, 2):
                 how = f"{'draft (size hint)' if hint else 'full decode'}, " + ("main process" if not w else f"{w} workers")
                 runs[(f"{label}, {kib:.0f} KiB", how)] = (len(blobs), decoder(dataset, w, batch))
-    for dtype in ("float32",):
-        runs[(f"model only ({model})", f"{dtype}, batch {batch}")] = (
-            args.decode_images, lambda: model_only(backbone, recipe, batch, args.decode_images, dtype))
+    runs[(f"model only ({model})", f"float32, batch {batch}")] = (
+        args.decode_images, lambda: model_only(backbone, recipe, batch, args.decode_images))
     rates = _interleaved(runs, args.repeats, "decode")
     return [{"images": k[0], "how": k[1], "best": max(r), "median": statistics.median(r)} for k, r in rates.items()]
 
 
-def _interleaved(runs: dict, repeats: int, tag: str) -> dict:
-    """Each run ``repeats`` times, interleaved so every one sees the same share of the machine's load: rates."""
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of the children it waited for (the C++ compiler, when compiling)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": _cpu_seconds}
+
+
+def _interleaved(runs: dict, repeats: int, tag: str, clock: str = "wall") -> dict:
+    """Each run ``repeats`` times, interleaved so every one sees the same share of the machine's load: rates per
+    second of ``clock``: the wall clock, or this process's CPU time (on a machine shared with other jobs, the
+    seconds it computed rather than waited for a core)."""
     rates = {name: [] for name in runs}
+    timer = CLOCKS[clock]
     for rep in range(repeats):
         for name, (n, fn) in runs.items():
-            start = time.perf_counter()
+            start = timer()
             fn()
-            rates[name].append(n / (time.perf_counter() - start))
+            rates[name].append(n / (timer() - start))
             print(f"  [{tag} repeat {rep + 1}/{repeats}] {name}: {rates[name][-1]:.1f} img/s "
                   f"(load {_loadavg()})", file=sys.stderr)
     return rates
@@ -469,13 +542,17 @@ def _csv(kind):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=384, help="synthetic 300x450 JPEG banners to embed (default 384)")
+    p.add_argument("--images", type=int, default=384, help="300x450 JPEG banners (cut from real photos) to embed (default 384)")
     p.add_argument("--baseline-images", type=int, default=64,
                    help="how many of them the slow original-style pipeline embeds (its rate is per image; default 64)")
     p.add_argument("--models", type=_csv(str), default=["vits16"], help="comma list of: vits16, vitb16, vits8 (default vits16)")
     p.add_argument("--batch-size", type=int, help="default: the library's (about 4,096 tokens on a CPU)")
     p.add_argument("--workers", type=_csv(int), default=[0, 2], help="DataLoader worker counts to compare (default 0,2)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each embedding pipeline (default 2)")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                   help="the embedding part's clock: wall (default), or cpu, this process's CPU time, for a machine "
+                        "shared with other jobs (with --workers 0: decoding processes' time is not counted)")
+    p.add_argument("--threads", type=int, help="torch's threads (default: one a core)")
     p.add_argument("--decode-images", type=int, default=120,
                    help="JPEGs per source size for the decode ceiling (cut from real photos; default 120)")
     p.add_argument("--cpu-images", type=int, default=60,
@@ -515,6 +592,10 @@ def main(argv=None) -> int:
         method, features_file, k, out = args.search_worker
         search_worker(method, features_file, int(k), out)
         return 0
+    if args.clock == "cpu" and any(args.workers):
+        build_parser().error("--clock cpu counts this process only: use it with --workers 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     unknown = [m for m in args.models if m not in MODELS] + [m for m in args.search_methods if m not in SEARCH_METHODS]
     if unknown:
         build_parser().error(f"unknown model or search method: {', '.join(unknown)}")

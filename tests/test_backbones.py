@@ -14,6 +14,8 @@ from PIL import Image
 from bannermatch import BannermatchError, make_recipe
 from bannermatch import backbones as backbones_mod
 from bannermatch.backbones import create_model, list_models
+from bannermatch import extraction
+from bannermatch import recipe as recipe_mod
 from bannermatch.extraction import build_transform, compute_features, load_backbone
 from bannermatch.recipe import default_batch_size
 
@@ -361,3 +363,44 @@ def test_auto_precision_on_a_gpu_is_bf16_only_where_it_is_native(monkeypatch, ca
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     assert resolve_dtype("auto", torch.device("cuda")) == dtype
+
+
+# ------------------------------------------------------------------------------------------ working precision
+
+def _tiny_backbones(tiny_weights, tmp_path):
+    """(recipe, weights) of a timm DINO and of a fine-tuned Hugging Face BEiT, whose `mean` goes through a trained
+    pooling norm."""
+    from published import save_beit_ft_hf
+
+    beit = save_beit_ft_hf(tmp_path / "beit", BEIT_SIZES)
+    return [(_recipe(tiny_weights, strategy="gem"), tiny_weights),
+            (make_recipe("beit_base_pt22k_ft22k", "mean", source="hf", weights=beit), beit)]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_the_model_computes_in_its_working_precision_and_pools_in_float32(tiny_weights, tmp_path, dtype):
+    """bf16 (CPUs and GPUs with native bf16) and fp16 (GPUs before compute capability 8.0, Colab's T4: the same
+    code path, run here on the CPU): the weights are cast, no autocast; the pooling norm and the pooled components
+    stay float32."""
+    for recipe, weights in _tiny_backbones(tiny_weights, tmp_path):
+        reference = load_backbone(recipe, weights, "cpu")
+        backbone = load_backbone(recipe, weights, "cpu", dtype)
+        pooling = {id(p) for p in backbone.pool_norm.parameters()}
+        assert backbone.dtype == getattr(torch, dtype) and reference.dtype == torch.float32
+        assert {p.dtype for p in backbone.parameters() if id(p) not in pooling} == {getattr(torch, dtype)}
+        assert {p.dtype for p in backbone.pool_norm.parameters()} <= {torch.float32}
+        assert recipe.source == "timm" or len(pooling) == 2  # BEiT's trained pooler norm is there, in fp32
+        x = _batch(recipe, 4)
+        parts = extraction.compute_components(backbone, x, recipe)
+        assert {v.dtype for v in parts.values()} == {torch.float32}
+        cos = (compute_features(backbone, x, recipe) * compute_features(reference, x, recipe)).sum(-1)
+        assert cos.min() > 0.99, cos
+
+
+@pytest.mark.parametrize("native,dtype", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_precision_on_a_cpu_casts_the_weights_only_where_bf16_is_native(tiny_weights, monkeypatch, native, dtype):
+    """Without native bf16 (AVX2) the model stays float32, as before: nothing gets slower there."""
+    monkeypatch.setattr(recipe_mod, "cpu_has_bf16", lambda: native)
+    recipe = _recipe(tiny_weights)
+    assert load_backbone(recipe, tiny_weights, "cpu", "auto").dtype == dtype
+    assert next(load_backbone(recipe, tiny_weights, "cpu", "auto").model.parameters()).dtype == dtype

@@ -8,7 +8,9 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import torch
 
+from bannermatch.recipe import resolve_dtype
 from benchmarks.run import SEARCH_METHODS, clustered_features, main, name_queries
 
 
@@ -29,6 +31,17 @@ def test_benchmark_prints_embedding_and_search_tables(capsys):
         best, median = (float(x) for x in line.split("|")[3:5])
         assert best > 0 and median > 0
     assert embedding[0].split("|")[5].strip() == "1.00x"
+    dtype = resolve_dtype("auto", torch.device("cpu"))
+    assert pipelines[3] == f"model only ({dtype}, batch 3, plain attention)"  # the weights in the working precision
+    assert (f"model only ({dtype} autocast over float32 weights, batch 3, plain attention)" in pipelines) == (
+        dtype != "float32")  # the way before, beside it
+    summary = re.search(r"dino_vits16, ([\d.]+) GFLOP an image: end to end \(workers=0\) [\d.]+ img/s, [\d.]+x the "
+                        r"original-style loop, \d+% of the model alone in the same precision \((\w+), [\d.]+ img/s\)\. "
+                        r"The model alone computes \d+ GFLOP/s: \d+% of the (\w+) GEMM ceiling measured in the same run "
+                        r"\(\d+ GFLOP/s; float32 \d+ GFLOP/s\)\.", out)
+    assert summary and 9 < float(summary[1]) < 9.6 and summary[2] == summary[3] == dtype  # ViT-S/16: 4.6 GMAC
+    assert re.search(r"torch\.compile: [\d.]+ s on the first batch, then [\d.]+ img/s \([\d.]+x the eager model "
+                     r"alone\): (pays from [\d,]+ images|never pays)", out)
 
     decode = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if re.match(r"\| \d+x\d+ JPEG", line)]
     assert [(d[0].split(",")[0], d[1]) for d in decode] == [
@@ -57,13 +70,16 @@ def test_gpu_part_runs_its_code_on_a_cpu(capsys, monkeypatch):
           "--repeats", "1", "--search-n", "300", "--dims", "16", "--search-repeats", "1", "-k", "5"])
     out = capsys.readouterr().out
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| dino_vits16 |")]
+    dtype = resolve_dtype("auto", torch.device("cpu"))  # the working precision, the weights cast to it
+    autocast = [("model only", f"{dtype} autocast over float32 weights, batch 4, fused attention")]
     assert [(r[1], r[2]) for r in rows] == [
-        ("model only", "float32, batch 4, fused attention"), ("model only", "float32, batch 4, plain attention"),
+        ("model only", f"{dtype}, batch 4, fused attention"), ("model only", f"{dtype}, batch 4, plain attention"),
+        *(autocast if dtype != "float32" else []),
         ("decode only", "main process"), ("decode only", "1 process"), ("decode only", "2 processes"),
-        ("end to end", "float32, batch 4, decoding processes as measured"),
-        ("end to end", "float32, batch 4, main process"), ("end to end", "float32, batch 4, 1 decoding process"),
-        ("end to end", "float32, batch 4, 2 decoding processes"),
-        ("end to end", "float32, batch 4, decoding processes as measured, 2 images")]
+        ("end to end", f"{dtype}, batch 4, decoding processes as measured"),
+        ("end to end", f"{dtype}, batch 4, main process"), ("end to end", f"{dtype}, batch 4, 1 decoding process"),
+        ("end to end", f"{dtype}, batch 4, 2 decoding processes"),
+        ("end to end", f"{dtype}, batch 4, decoding processes as measured, 2 images")]
     assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
     assert re.search(r"dino_vits16: end to end with the measured decoding processes [\d.]+ img/s, [\d.]+ img/s past "
                      r"the fixed costs: \d+% of the slower .*: bound by the model\.", out)

@@ -61,3 +61,21 @@ def test_published_weights_unreachable_is_one_line(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(BannermatchError, match="cannot reach huggingface.co.*--weights PATH"):
         create_model("dino_vitb16")
+
+
+def test_embed_compiles_where_it_pays_unless_told(monkeypatch, tmp_path):
+    """No flag: compile=None, the library weighs the break-even; --compile / --no-compile force it."""
+    import numpy as np
+
+    from bannermatch import cli, extraction
+
+    seen = []
+
+    class Features:
+        keys, skipped, path = [], [], tmp_path
+        features = np.zeros((0, 48))
+
+    monkeypatch.setattr(extraction, "extract_features", lambda *a, **kw: seen.append(kw["compile"]) or Features())
+    for flags in ([], ["--compile"], ["--no-compile"]):
+        assert cli.main(["embed", str(tmp_path), "--store", str(tmp_path / "store"), *flags]) == 0
+    assert seen == [None, True, False]

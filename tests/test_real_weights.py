@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
@@ -149,3 +150,39 @@ def test_default_duplicate_groups_are_the_planted_ones_on_real_photos(tmp_path, 
     dups = find_duplicates(feats, weights=weights, device="cpu", progress=False)
     assert {frozenset(g.keys) for g in dups.groups} == truth, dups.summary()
     assert dups.calibration.copies > dups.threshold > dups.calibration.distinct
+
+
+@pytest.fixture(scope="module")
+def photos_and_copies(dinov2_real_state, tmp_path_factory):
+    """The real weights saved; the photos followed by their edited copies (stored as JPEG quality 95, as in
+    :func:`_collection`), in memory; how many photos; and their pooling components in float32."""
+    from bannermatch.extraction import embed_components, load_backbone
+
+    weights = tmp_path_factory.mktemp("weights") / "dinov2_vits14_pretrain.pth"
+    torch.save(dinov2_real_state, weights)
+    originals = photos()
+    images = originals + [_jpeg(_edits(img)[e], 95) for e in range(6) for img in originals]
+    recipe = bannermatch.make_recipe("dinov2_vits14", weights=weights)
+    return weights, images, len(originals), embed_components(images, recipe, load_backbone(recipe, weights, "cpu"))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_working_precision_agrees_with_float32_on_real_weights(photos_and_copies, dtype):
+    """The gate for each working precision (bf16: CPUs and GPUs with native bf16; fp16: older GPUs, here on the
+    CPU): for every strategy, features within cos 0.999 of fp32's and the same copy recall@1."""
+    from bannermatch.extraction import embed_components, load_backbone
+    from bannermatch.pooling import view
+    from bannermatch.recipe import STRATEGIES
+
+    weights, images, n, reference_parts = photos_and_copies
+    recipe = bannermatch.make_recipe("dinov2_vits14", weights=weights)
+    parts = {"float32": reference_parts, dtype: embed_components(images, recipe, load_backbone(recipe, weights, "cpu", dtype))}
+    truth = np.tile(np.arange(n), 6)
+    for strategy in STRATEGIES:
+        strategy_recipe = bannermatch.make_recipe("dinov2_vits14", strategy=strategy, weights=weights)
+        reference, features = (view(parts[d], strategy_recipe).numpy() for d in ("float32", dtype))
+        cos = np.sum(reference * features, axis=1)
+        assert cos.min() >= 0.999, (strategy, cos.min())
+        recall = {name: float(np.mean(np.argmax(f[n:] @ f[:n].T, axis=1) == truth))
+                  for name, f in (("float32", reference), (dtype, features))}
+        assert recall[dtype] == recall["float32"], (strategy, recall)

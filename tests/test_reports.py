@@ -25,7 +25,6 @@ from bannermatch.errors import BannermatchError
 from bannermatch.evaluate import MILD_EDITS, transformed_copy
 from bannermatch.extraction import embed_images, load_backbone
 from bannermatch.gallery import write_report
-from bannermatch.recipe import resolve_device, resolve_dtype
 from bannermatch.reports import (ISSUES, calibrate_threshold, exclusion, find_duplicates, find_issues, find_unique,
                                  most_played)
 from bannermatch.reports.duplicates import HASH_DISTANCE
@@ -243,7 +242,7 @@ def test_default_threshold_is_calibrated_from_copies_and_distinct_neighbours(pla
     assert edits == list(MILD_EDITS[:cal.n_copies])
     originals = [Image.open(_file_of(fs, fs.keys[i])).convert("RGB") for i in true_index]
     copies = embed_images([transformed_copy(img, edit, 0, fs.keys[i]) for img, edit, i in zip(originals, edits, true_index)],
-                          fs.recipe, load_backbone(fs.recipe, tiny_weights, "cpu"))
+                          fs.recipe, load_backbone(fs.recipe, tiny_weights, "cpu", "auto"))  # as the library
     c = float(np.median(np.sum(copies * fs.features[true_index], axis=1)))
     strength = _strength(fs, 0.0)
     sims = fs.features @ fs.features.T
@@ -393,10 +392,9 @@ def test_most_played_against_a_fake_steam_api_and_cdn(planted, tiny_weights, tmp
     assert [g.status for g in report.games][:2] == ["in collection", "fetched"]
     assert report.games[2].status.startswith("unavailable") and "404" not in report.games[2].status
     assert report.games[0].matches == query(fs, DISTINCT[4], k=4)[0].matches
-    # the fetched banner, embedded here by hand in the precision queries use: the same top-4, its original first
-    backbone = load_backbone(fs.recipe, tiny_weights, "cpu")
-    feats = embed_images([Image.open(io.BytesIO(missing_banner)).convert("RGB")], fs.recipe, backbone,
-                         dtype=resolve_dtype("auto", resolve_device("cpu")))[0]
+    # the fetched banner, embedded here by hand: the same top-4, its original first
+    backbone = load_backbone(fs.recipe, tiny_weights, "cpu", "auto")  # the precision queries are embedded in
+    feats = embed_images([Image.open(io.BytesIO(missing_banner)).convert("RGB")], fs.recipe, backbone)[0]
     sims = fs.features @ feats
     top = np.argsort(-sims)[:4]
     assert [k for k, _ in report.games[1].matches] == [fs.keys[i] for i in top] and top[0] == fs.index_of(DISTINCT[5])

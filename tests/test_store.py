@@ -31,7 +31,7 @@ def model_calls(monkeypatch):
     calls = []
     real = extraction.compute_components
     monkeypatch.setattr(extraction, "compute_components",
-                        lambda b, x, r, d="float32": calls.append(len(x)) or real(b, x, r, d))
+                        lambda b, x, r: calls.append(len(x)) or real(b, x, r))
     return calls
 
 
@@ -78,7 +78,7 @@ def test_extract_store_resume_and_cache(banner_dir, tiny_weights, tmp_path, monk
 def test_one_forward_pass_serves_every_strategy(banner_dir, tiny_weights, tmp_path, model_calls):
     simple = _embed(banner_dir, _recipe(tiny_weights), tmp_path, tiny_weights)
     assert sum(model_calls) == 20
-    backbone = load_backbone(simple.recipe, tiny_weights, "cpu")
+    backbone = load_backbone(simple.recipe, tiny_weights, "cpu", "auto")  # the precision the pass was stored in
     transform = build_transform(simple.recipe)
     x = torch.stack([transform(Image.open(banner_dir / f"{key}.jpg").convert("RGB")) for key in simple.keys[:4]])
     for strategy in ("complex", "gem", "mean"):
@@ -218,15 +218,57 @@ def test_complex_blocks_beyond_what_a_pass_stores_are_refused(tiny_weights):
 
 def test_compiled_embedding_equals_eager_and_compiles_once(banner_dir, tiny_weights, tmp_path, caplog):
     recipe = _recipe(tiny_weights)
-    eager = extract_features(banner_dir, recipe, tmp_path / "a", tiny_weights, batch_size=8, progress=False)
+    # float32: the compiled graph computes what the eager model does (in bf16 each rounds at other places)
+    eager = extract_features(banner_dir, recipe, tmp_path / "a", tiny_weights, batch_size=8, progress=False,
+                             dtype="float32")
     torch._dynamo.reset()
     graphs = torch._dynamo.utils.counters["stats"]
     before = graphs["unique_graphs"]
     compiled = extract_features(banner_dir, recipe, tmp_path / "b", tiny_weights, batch_size=8, progress=False,
-                                compile=True)  # 20 banners: batches of 8, 8 and 4 (padded to 8)
+                                compile=True, dtype="float32")  # 20 banners: batches of 8, 8 and 4 (padded to 8)
     assert graphs["unique_graphs"] - before == 1 and "torch.compile failed" not in caplog.text
     assert compiled.keys == eager.keys
     np.testing.assert_allclose(compiled.features, eager.features, atol=2e-3)  # stored as float16
+
+
+@pytest.mark.parametrize("gain,compiled_batches", [((0.0, 2.0), 2), ((1e9, 2.0), 0)])
+def test_compiling_by_default_when_the_banners_left_outnumber_the_break_even(banner_dir, tiny_weights, tmp_path,
+                                                                             monkeypatch, caplog, gain, compiled_batches):
+    """compile=None: the first 3 batches run eager and time the model; the other 2 (of 20 banners in batches of 4)
+    run compiled only if compiling pays for them on this device, and the log says so. The compiled model is
+    stood in for (compiling takes minutes on 2 cores); the choice is what is tested."""
+    compiled = []
+
+    class Compiled:
+        def __init__(self, backbone, recipe, batch_size):
+            self.backbone, self.recipe = backbone, recipe
+
+        def __call__(self, images):
+            compiled.append(len(images))
+            return extraction.compute_components(self.backbone, images, self.recipe)
+
+    monkeypatch.setattr(extraction, "CompiledEmbedder", Compiled)
+    monkeypatch.setattr(extraction, "COMPILE_GAINS", {("cpu", "float32"): gain})
+    recipe = _recipe(tiny_weights)
+    with caplog.at_level(logging.INFO, logger="bannermatch"):
+        eager = _embed(banner_dir, recipe, tmp_path / "a", tiny_weights, batch_size=4, dtype="float32", compile=False)
+        assert compiled == [] and "torch.compile" not in caplog.text  # asked not to: not even weighed
+        fs = _embed(banner_dir, recipe, tmp_path / "b", tiny_weights, batch_size=4, dtype="float32")
+    assert compiled == [4] * compiled_batches
+    verdict = "compiling" if compiled_batches else "not compiling"
+    assert len([r for r in caplog.records if r.getMessage().startswith("torch.compile pays from about")
+                and r.getMessage().endswith(f"8 left: {verdict}")]) == 1
+    np.testing.assert_array_equal(fs.features, eager.features)
+
+
+def test_compiling_pays_only_where_it_was_measured_to(monkeypatch):
+    monkeypatch.setattr(extraction, "COMPILE_GAINS", {("cpu", "bfloat16"): (20.0, 1.25)})
+    # 20 s of compiling saves 10 ms x (1 - 1/1.25) = 2 ms an image: 10,000 images
+    assert extraction.compile_break_even(0.010, torch.device("cpu"), "bfloat16") == pytest.approx(10_000)
+    assert extraction.compile_break_even(0.010, torch.device("cpu"), "float32") is None  # AVX2: slower compiled
+    assert extraction.compile_break_even(0.010, torch.device("cuda"), "bfloat16") is None  # unmeasured
+    monkeypatch.setattr(extraction, "COMPILE_GAINS", {("cpu", "bfloat16"): (20.0, 1.0)})
+    assert extraction.compile_break_even(0.010, torch.device("cpu"), "bfloat16") is None  # no faster: never
 
 
 def test_embedding_goes_on_eager_when_compiling_fails(banner_dir, tiny_weights, tmp_path, caplog, monkeypatch):
