@@ -62,13 +62,10 @@ def _n_candidates(k: int, precision: str, n: int) -> int:
 
 
 def _exact_scores(q: torch.Tensor, db: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """fp32 dot products of each row ``q[i]`` with its candidates ``db[idx[i]]``, a few rows at a time (memory:
-    about 64 MB), each summed in the same order: identical banners score identically wherever they sit, which a
-    matrix product does not promise (it rounds by position), so duplicates tie exactly."""
-    n, c = idx.shape
-    step = max(1, (64 << 20) // (4 * c * q.shape[1]))
-    return torch.cat([(q[i:i + step, None, :] * db[idx[i:i + step]]).reshape(-1, q.shape[1]).sum(dim=1).view(-1, c)
-                      for i in range(0, n, step)]) if n else torch.empty(0, c, device=q.device)
+    """fp32 dot products of each row ``q[i]`` with its candidates ``db[idx[i]]``, one candidate column at a time
+    (memory: one [n, d] block), each summed in the same order: identical banners score identically wherever they
+    sit, which a matrix product does not promise (it rounds by position), so duplicates tie exactly."""
+    return torch.stack([(q * db[idx[:, j]]).sum(dim=1) for j in range(idx.shape[1])], dim=1)
 
 
 def _error_bound(q: torch.Tensor, db_max_norm: torch.Tensor) -> torch.Tensor:
