@@ -19,12 +19,18 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("float32", "bfloat16")
 _CHUNK_BYTES = 256 << 20  # similarity block per step: bounds extra memory whatever N is
 _RESCORE_EXTRA = 16  # bf16 search keeps this many extra candidates, then rescores them in fp32
-_TILE = (1024, 4096)  # all-pairs product per step, rows x columns: 8 MB in bf16, 16 in fp32 (kept in cache)
+# All-pairs product per step, rows x columns; None: as many rows as _CHUNK_BYTES allows against all the later ones
+# (tiles of 1,024 x 4,096, kept in cache, ran 1.4x slower on 2 busy cores: BENCHMARKS.md run 8)
+_TILE: tuple[int, int] | None = None
 _TIE_EXTRA = 4  # fp32 keeps a few extra, so ties of up to this many duplicates at the k-th place settle at once
 
 
 def _chunk_rows(n: int) -> int:
     return max(1, min(4096, _CHUNK_BYTES // (4 * max(n, 1))))
+
+
+def _tile(n: int) -> tuple[int, int]:
+    return _TILE or (_chunk_rows(n), n)
 
 
 def _similarities(q: torch.Tensor, db: torch.Tensor, buffer: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,9 +233,8 @@ def top_k_all_pairs(
     Similarity is symmetric, so a block of rows is multiplied only with itself and the rows after it, and gives
     the later rows their candidates from the block (a column of the product). Selecting them, not the product,
     bounded the search (a row-wise and a column-wise top-k over every score: a third of the product's rate), so
-    the product is made a tile at a time (small enough to stay in cache) and, once a row's list is full, each
-    score is only compared with the k'-th score so far of its row and of its column: the few above go to that
-    row's list, the rest is never touched again. Lists only improve, so a score that could not enter then could
+    once a row's list is full, each score is only compared with the k'-th score so far of its row and of its
+    column (in numpy: see :func:`_above`): the few above go to that row's list, the rest is never touched again. Lists only improve, so a score that could not enter then could
     not enter later either: the candidates are those of a top-k over each whole row.
     """
     dev = resolve_device(device)
@@ -241,7 +246,7 @@ def top_k_all_pairs(
     n_cand = _n_candidates(k, precision, n - 1)
     best_val = torch.full((n, n_cand), -torch.inf, device=dev)
     best_idx = torch.full((n, n_cand), -1, dtype=torch.int64, device=dev)
-    block, width = _TILE
+    block, width = _tile(n)
     buffer = torch.empty(block * width, dtype=x_search.dtype, device=dev)
     for start in range(0, n, block):
         stop = min(start + block, n)

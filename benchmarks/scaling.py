@@ -69,9 +69,9 @@ def synthetic_names(real: dict[str, str], n: int) -> dict[str, str]:
 
 def _products_alone(x: torch.Tensor, x_search: torch.Tensor) -> None:
     """The all-pairs search's products and nothing else: the same tiles into the same kind of buffer."""
-    from bannermatch.search import _TILE, _similarities
+    from bannermatch.search import _similarities, _tile
 
-    block, width = _TILE
+    block, width = _tile(len(x))
     buffer = torch.empty(block * width, dtype=x_search.dtype)
     for start in range(0, len(x), block):
         for col in range(start, len(x), width):

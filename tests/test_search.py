@@ -90,7 +90,6 @@ def test_all_pairs_search_equals_the_general_search_on_clustered_features(monkey
     x = (centres[rng.integers(0, 150, 3001)] + 0.3 * rng.standard_normal((3001, 48))).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)  # close neighbours, as in a game series
     monkeypatch.setattr(search_mod, "_CHUNK_BYTES", 4 * len(x) * 500)  # 7 blocks, the last one short
-    monkeypatch.setattr(search_mod, "_TILE", (500, 700))
     for precision in search_mod.PRECISIONS:
         (idx, scores), (pair_idx, pair_scores) = _all_pairs_top_k(x, 10, precision=precision)
         np.testing.assert_array_equal(pair_idx, idx)
