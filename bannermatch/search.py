@@ -171,17 +171,22 @@ def _merge(vals, idx, new_vals, new_idx) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _merge_pairs(best_val, best_idx, rows, cands, vals) -> None:
     """Merge scattered candidates (``cands[e]`` scoring ``vals[e]`` for row ``rows[e]``) into the running lists,
-    in place: each touched row's new candidates are packed into one padded row, then merged as a block."""
+    in place: each touched row's best new candidates (as many as a list holds: a row can be offered thousands
+    while its list is far from final) are packed into one padded row, then merged as a block."""
     if not len(rows):
         return
-    rows, order = torch.sort(rows, stable=True)
+    by_score = torch.argsort(vals.float(), descending=True, stable=True)
+    rows, order = torch.sort(rows[by_score], stable=True)  # each row's candidates together, best first
+    order = by_score[order]
     touched, counts = torch.unique_consecutive(rows, return_counts=True)
     group = torch.repeat_interleave(torch.arange(len(touched), device=rows.device), counts)
     slot = torch.arange(len(rows), device=rows.device) - (torch.cumsum(counts, 0) - counts)[group]
-    width = int(counts.max())
+    keep = slot < best_val.shape[1]
+    width = min(int(counts.max()), best_val.shape[1])
     new_val = torch.full((len(touched), width), -torch.inf, device=rows.device)
     new_idx = torch.full((len(touched), width), -1, dtype=torch.int64, device=rows.device)
-    new_val[group, slot], new_idx[group, slot] = vals[order].float(), cands[order]
+    new_val[group[keep], slot[keep]] = vals[order[keep]].float()
+    new_idx[group[keep], slot[keep]] = cands[order[keep]]
     best_val[touched], best_idx[touched] = _merge(best_val[touched], best_idx[touched], new_val, new_idx)
 
 
