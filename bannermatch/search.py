@@ -193,7 +193,7 @@ def _merge_pairs(best_val, best_idx, rows, cands, vals) -> None:
 def _above(scores: torch.Tensor, kth: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(row, column)`` of the scores strictly above ``kth`` of their row (``axis`` 0) or column (1), a finite
     threshold each. On CPU through numpy: torch's broadcast compare and nonzero took 5-8 ns a score on 2 busy
-    cores, numpy's about 0.5 (a GEMM makes a bf16 score in about 1.5); a bf16 score is compared as its int16
+    cores, numpy's 0.5-0.9 (the bf16 product itself: about 5 at that load); a bf16 score is compared as its int16
     bits, which order positive values as their floats do."""
     kth = kth.to(scores.dtype)
     if scores.device.type != "cpu" or (scores.dtype == torch.bfloat16 and not bool((kth > 0).all())):
@@ -237,10 +237,11 @@ def top_k_all_pairs(
 
     Similarity is symmetric, so a block of rows is multiplied only with itself and the rows after it, and gives
     the later rows their candidates from the block (a column of the product). Selecting them, not the product,
-    bounded the search (a row-wise and a column-wise top-k over every score: a third of the product's rate), so
-    once a row's list is full, each score is only compared with the k'-th score so far of its row and of its
-    column (in numpy: see :func:`_above`): the few above go to that row's list, the rest is never touched again. Lists only improve, so a score that could not enter then could
-    not enter later either: the candidates are those of a top-k over each whole row.
+    bounded the search (a row-wise and a column-wise top-k over every score), so once a row's list is full, each
+    score is only compared with the k'-th score so far of its row and of its column (in numpy: see
+    :func:`_above`): the few above go to that row's list, the rest is never touched again. Lists only improve, so
+    a score that could not enter then could not enter later either: the candidates are those of a top-k over
+    each whole row.
     """
     dev = resolve_device(device)
     x = torch.as_tensor(features, dtype=torch.float32).to(dev)
