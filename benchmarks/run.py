@@ -512,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-names", action="store_true")
     p.add_argument("--only", choices=PARTS, help="run this part alone (cpu-options, gpu and scaling run only so: one "
                    "needs the real-weights test dependencies, onnxruntime, openvino and nncf, one a GPU, and scaling "
-                   "takes about an hour on 2 cores)")
+                   "an hour or more on 2 cores)")
     p.add_argument("--search-worker", nargs=4, metavar=("METHOD", "FEATURES", "K", "OUT"), help=argparse.SUPPRESS)
     return p
 
