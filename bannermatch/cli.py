@@ -292,7 +292,9 @@ def add_core_commands(sub) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="auto: bfloat16 where the hardware has it natively (about 2x faster; candidates rescored in "
                         "float32), else float32 (emulated bf16 is several times slower)")
-    p.add_argument("--backend", default="torch", choices=("torch", "faiss"))
+    p.add_argument("--backend", default="torch", choices=("torch", "faiss", "faiss-hnsw"),
+                   help="torch: exact (default); faiss: exact, IndexFlatIP; faiss-hnsw: approximate (an HNSW graph), "
+                        "for collections past a few hundred thousand banners (extra [faiss])")
     add_exclusion_options(p)
     p.set_defaults(func=cmd_match)
 

@@ -25,7 +25,8 @@ from .store import MATCHES, FeatureSet
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "faiss")
+#: torch and faiss (IndexFlatIP): exact; faiss-hnsw: approximate, for collections past a few hundred thousand
+BACKENDS = ("torch", "faiss", "faiss-hnsw")
 
 
 @dataclass
@@ -123,14 +124,14 @@ def find_matches(
         raise BannermatchError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     if precision not in ("auto", *PRECISIONS):
         raise BannermatchError(f"unknown precision {precision!r}; choose one of: auto, {', '.join(PRECISIONS)}")
-    precision = "float32" if backend == "faiss" else resolve_precision(precision, device)
+    precision = "float32" if backend.startswith("faiss") else resolve_precision(precision, device)
     if save and (cached := _load(features, k, precision, backend)) is not None:
         return cached if exclude is None else exclude.apply(cached, device)
     n = len(features.keys)
     if k > n - 1:
         raise BannermatchError(f"k={k} is larger than the {n - 1} other banners there are to match")
-    if backend == "faiss":
-        idx, scores = top_k_faiss(features.features, features.features, k, np.arange(n))
+    if backend.startswith("faiss"):
+        idx, scores = top_k_faiss(features.features, features.features, k, np.arange(n), backend == "faiss-hnsw")
     else:
         idx, scores = top_k_all_pairs(features.features, k, device, precision)
     matches = Matches(features, idx, scores, precision, backend)

@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("float32", "bfloat16")
 _CHUNK_BYTES = 256 << 20  # similarity block per step: bounds extra memory whatever N is
 _RESCORE_EXTRA = 16  # bf16 search keeps this many extra candidates, then rescores them in fp32
+# All-pairs product per step, rows x columns; None: as many rows as _CHUNK_BYTES allows against all the later ones
+# (tiles of 1,024 x 4,096, kept in cache, ran 1.4x slower on 2 busy cores: BENCHMARKS.md run 8)
+_TILE: tuple[int, int] | None = None
 _TIE_EXTRA = 4  # fp32 keeps a few extra, so ties of up to this many duplicates at the k-th place settle at once
 
 
@@ -26,12 +29,21 @@ def _chunk_rows(n: int) -> int:
     return max(1, min(4096, _CHUNK_BYTES // (4 * max(n, 1))))
 
 
-def _similarities(q: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
-    """``q @ db.T``. On CPU in float32 through numpy, whose OpenBLAS sgemm ran 1.4x faster than torch's MKL on
-    the AMD CPU of BENCHMARKS.md (the same BLAS faiss uses)."""
+def _tile(n: int) -> tuple[int, int]:
+    return _TILE or (_chunk_rows(n), n)
+
+
+def _similarities(q: torch.Tensor, db: torch.Tensor, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """``q @ db.T``, written into ``buffer`` (flat, at least that large) when given: a fresh block of hundreds of
+    MB costs its page faults again on every step. On CPU in float32 through numpy, whose OpenBLAS sgemm ran 1.4x
+    faster than torch's MKL on the AMD CPU of BENCHMARKS.md (the same BLAS faiss uses)."""
+    out = None if buffer is None else buffer[:len(q) * len(db)].view(len(q), len(db))
     if db.device.type == "cpu" and db.dtype == torch.float32:
-        return torch.from_numpy(q.numpy() @ db.numpy().T)
-    return q.to(db.dtype) @ db.T
+        if out is None:
+            return torch.from_numpy(q.numpy() @ db.numpy().T)
+        np.matmul(q.numpy(), db.numpy().T, out=out.numpy())
+        return out
+    return torch.matmul(q.to(db.dtype), db.T, out=out)
 
 
 def _lexsort_topk(vals: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,14 +169,79 @@ def _merge(vals, idx, new_vals, new_idx) -> tuple[torch.Tensor, torch.Tensor]:
     return best, torch.cat([idx, new_idx], 1).gather(1, at)
 
 
+def _merge_pairs(best_val, best_idx, rows, cands, vals) -> None:
+    """Merge scattered candidates (``cands[e]`` scoring ``vals[e]`` for row ``rows[e]``) into the running lists,
+    in place: each touched row's best new candidates (as many as a list holds: a row can be offered thousands
+    while its list is far from final) are packed into one padded row, then merged as a block."""
+    if not len(rows):
+        return
+    by_score = torch.argsort(vals.float(), descending=True, stable=True)
+    rows, order = torch.sort(rows[by_score], stable=True)  # each row's candidates together, best first
+    order = by_score[order]
+    touched, counts = torch.unique_consecutive(rows, return_counts=True)
+    group = torch.repeat_interleave(torch.arange(len(touched), device=rows.device), counts)
+    slot = torch.arange(len(rows), device=rows.device) - (torch.cumsum(counts, 0) - counts)[group]
+    keep = slot < best_val.shape[1]
+    width = min(int(counts.max()), best_val.shape[1])
+    new_val = torch.full((len(touched), width), -torch.inf, device=rows.device)
+    new_idx = torch.full((len(touched), width), -1, dtype=torch.int64, device=rows.device)
+    new_val[group[keep], slot[keep]] = vals[order[keep]].float()
+    new_idx[group[keep], slot[keep]] = cands[order[keep]]
+    best_val[touched], best_idx[touched] = _merge(best_val[touched], best_idx[touched], new_val, new_idx)
+
+
+def _above(scores: torch.Tensor, kth: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row, column)`` of the scores strictly above ``kth`` of their row (``axis`` 0) or column (1), a finite
+    threshold each. On CPU through numpy: torch's broadcast compare and nonzero took 5-8 ns a score on 2 busy
+    cores, numpy's 0.5-0.9 (the bf16 product itself: about 5 at that load); a bf16 score is compared as its int16
+    bits, which order positive values as their floats do."""
+    kth = kth.to(scores.dtype)
+    if scores.device.type != "cpu" or (scores.dtype == torch.bfloat16 and not bool((kth > 0).all())):
+        return torch.nonzero(scores > (kth[:, None] if axis == 0 else kth[None, :]), as_tuple=True)
+    if scores.dtype == torch.bfloat16:
+        scores, kth = scores.view(torch.int16), kth.view(torch.int16)
+    s, t = scores.numpy(), kth.numpy()
+    flat = np.flatnonzero(np.greater(s, t[:, None] if axis == 0 else t[None, :]))
+    return torch.from_numpy(flat // s.shape[1]), torch.from_numpy(flat % s.shape[1])
+
+
+def _tile_candidates(sims, kth_rows, kth_cols, row0: int, col0: int, own: int, n_cand: int) -> list:
+    """What a tile of products (rows ``row0:`` against columns ``col0:``) offers the running lists, as
+    ``(row, candidate, score)`` parts: to each row, its scores above the row's k'-th score so far; to each
+    column's own row, likewise, except for the first ``own`` columns (the tile's own rows: a pair in that square
+    reaches both rows through the row direction). Strictly above: a tie cannot enter a list it would not improve
+    (a full list of equal scores is settled exactly later), and a tile of identical banners offers nothing. While a
+    list is not yet full (its k'-th score is -inf), a top-k over the tile takes the threshold's place."""
+    found = []
+    cols = sims[:, own:]
+    for scores, kth, axis, first, other in ((sims, kth_rows, 0, row0, col0), (cols, kth_cols[own:], 1, col0 + own, row0)):
+        if not scores.numel():
+            continue
+        if torch.isinf(kth).any():
+            vals, at = torch.topk(scores, min(n_cand, scores.shape[1 - axis]), dim=1 - axis)
+            mine = torch.arange(len(kth), device=sims.device).expand_as(at) if axis else \
+                torch.arange(len(kth), device=sims.device)[:, None].expand_as(at)
+            found.append((mine.flatten() + first, at.flatten() + other, vals.flatten()))
+        else:
+            r, c = _above(scores, kth, axis)
+            mine, theirs = (r, c) if axis == 0 else (c, r)
+            found.append((mine.to(sims.device) + first, theirs.to(sims.device) + other, scores[r, c]))
+    return found
+
+
 def top_k_all_pairs(
     features: np.ndarray | torch.Tensor, k: int, device: str | None = None, precision: str = "float32"
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best matches of every row among the other rows: ``top_k(x, x, k, exclude=arange(N))``, in half
     the time.
 
-    Similarity is symmetric, so a block of rows is multiplied only with itself and the rows after it; the top
-    candidates of each later row within the block (a column of the product) go to that row's running list.
+    Similarity is symmetric, so a block of rows is multiplied only with itself and the rows after it, and gives
+    the later rows their candidates from the block (a column of the product). Selecting them, not the product,
+    bounded the search (a row-wise and a column-wise top-k over every score), so once a row's list is full, each
+    score is only compared with the k'-th score so far of its row and of its column (in numpy: see
+    :func:`_above`): the few above go to that row's list, the rest is never touched again. Lists only improve, so
+    a score that could not enter then could not enter later either: the candidates are those of a top-k over
+    each whole row.
     """
     dev = resolve_device(device)
     x = torch.as_tensor(features, dtype=torch.float32).to(dev)
@@ -175,36 +252,48 @@ def top_k_all_pairs(
     n_cand = _n_candidates(k, precision, n - 1)
     best_val = torch.full((n, n_cand), -torch.inf, device=dev)
     best_idx = torch.full((n, n_cand), -1, dtype=torch.int64, device=dev)
-    step = _chunk_rows(n)
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        sims = _similarities(x[start:stop], x_search[start:])  # rows start:stop against rows start:n
-        diag = torch.arange(stop - start, device=dev)
-        sims[diag, diag] = -torch.inf  # itself
-        vals, idx = torch.topk(sims, min(n_cand, sims.shape[1]), dim=1)
-        best_val[start:stop], best_idx[start:stop] = _merge(best_val[start:stop], best_idx[start:stop],
-                                                            vals, idx + start)
-        if stop < n:
-            vals, idx = torch.topk(sims[:, stop - start:], min(n_cand, stop - start), dim=0)
-            best_val[stop:], best_idx[stop:] = _merge(best_val[stop:], best_idx[stop:], vals.T, idx.T + start)
-        del sims
+    block, width = _tile(n)
+    buffer = torch.empty(block * width, dtype=x_search.dtype, device=dev)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        kth = best_val[:, -1].clone()  # the lists as they were before this block: merged once, at its end
+        found = []
+        for col in range(start, n, width):
+            end = min(col + width, n)
+            sims = _similarities(x[start:stop], x_search[col:end], buffer)
+            own = max(0, min(stop, end) - col)  # the block's own rows among these columns (the first tile)
+            sims[torch.arange(own, device=dev), torch.arange(own, device=dev)] = -torch.inf  # itself
+            found += _tile_candidates(sims, kth[start:stop], kth[col:end], start, col, own, n_cand)
+        _merge_pairs(best_val, best_idx, *(torch.cat(part) for part in zip(*found)))
     out_idx = np.empty((n, k), np.int64)
     out_val = np.empty((n, k), np.float32)
-    for start in range(0, n, step):
-        rows = torch.arange(start, min(start + step, n), device=dev)
+    for start in range(0, n, _chunk_rows(n)):
+        rows = torch.arange(start, min(start + _chunk_rows(n), n), device=dev)
         out_idx[start:start + len(rows)], out_val[start:start + len(rows)] = _finish(
             x[rows], x, best_val[rows], best_idx[rows], k, precision, db_max_norm, rows)
     return out_idx, out_val
 
 
-def top_k_faiss(queries, database, k, exclude=None) -> tuple[np.ndarray, np.ndarray]:
-    """The same search with faiss ``IndexFlatIP`` (optional extra ``[faiss]``)."""
+#: faiss HNSW graph: links per banner, and candidates kept while building and searching (more: slower, better
+#: recall; recall@10 against exact search per N is in BENCHMARKS.md)
+HNSW_LINKS, HNSW_BUILD, HNSW_SEARCH = 32, 80, 128
+
+
+def top_k_faiss(queries, database, k, exclude=None, approximate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The same search with faiss (optional extra ``[faiss]``): ``IndexFlatIP``, exact, or with ``approximate``
+    an HNSW graph (``IndexHNSWFlat``), which visits a few thousand banners per query instead of all of them:
+    time grows about as N log N instead of N^2, at a recall below 1 (duplicates' ties are not settled either)."""
     try:
         import faiss
     except ImportError:
-        raise BannermatchError("the faiss backend needs: pip install 'bannermatch[faiss]'") from None
+        raise BannermatchError("the faiss backends need: pip install 'bannermatch[faiss]'") from None
     database = np.ascontiguousarray(database, dtype=np.float32)
-    index = faiss.IndexFlatIP(database.shape[1])
+    if approximate:
+        index = faiss.IndexHNSWFlat(database.shape[1], HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_BUILD
+        index.hnsw.efSearch = max(HNSW_SEARCH, k + 1)
+    else:
+        index = faiss.IndexFlatIP(database.shape[1])
     index.add(database)
     extra = 1 if exclude is not None else 0
     scores, idx = index.search(np.ascontiguousarray(queries, dtype=np.float32), k + extra)

@@ -31,8 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"vits16": "dino_vits16", "vitb16": "dino_vitb16", "vits8": "dino_vits8"}
 SEARCH_METHODS = ("ours fp32", "ours bf16", "faiss IndexFlatIP", "full N x N matrix")
-PARTS = ("embedding", "decode", "cpu-options", "gpu", "search", "names")
-OPT_IN_PARTS = ("cpu-options", "gpu")  # OpenVINO/NNCF and the real weights; a GPU: only with --only
+PARTS = ("embedding", "decode", "cpu-options", "gpu", "search", "names", "scaling")
+OPT_IN_PARTS = ("cpu-options", "gpu", "scaling")  # OpenVINO/NNCF and the real weights; a GPU; an hour: only with --only
 GEMM = 2048  # the square matrix product whose rate is the arithmetic ceiling the model is measured against
 DECODE_SETS = {  # (width, height): what each image source delivers
     "300x450 JPEG (Steam CDN banner)": (300, 450),
@@ -570,6 +570,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of: " + ", ".join(SEARCH_METHODS))
     p.add_argument("--search-repeats", type=int, default=2, help="interleaved repeats of each search (default 2)")
     p.add_argument("-k", "--k", type=int, default=10)
+    p.add_argument("--scaling-n", type=_csv(int), default=[30_000, 100_000, 300_000],
+                   help="collection sizes of the scaling part (default 30000,100000,300000)")
+    p.add_argument("--scaling-dim", type=int, default=768, help="feature dimension of the scaling part (768)")
+    p.add_argument("--scaling-fp32-max", type=int, default=100_000,
+                   help="largest N the scaling part also searches in fp32 (default 100000; bf16 runs at every N)")
+    p.add_argument("--scaling-search-max", type=int, default=1_000_000,
+                   help="largest N the scaling part searches at all (and runs the reports that read the matches)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also time torch.compile (compiling included end to end; default on)")
     p.add_argument("--app-list", type=Path, default=_test_fixtures().SHARED_APPS,
@@ -580,8 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--skip-search", action="store_true")
     p.add_argument("--skip-names", action="store_true")
-    p.add_argument("--only", choices=PARTS, help="run this part alone (cpu-options and gpu run only so: one needs "
-                   "the real-weights test dependencies, onnxruntime, openvino and nncf, the other a GPU)")
+    p.add_argument("--only", choices=PARTS, help="run this part alone (cpu-options, gpu and scaling run only so: one "
+                   "needs the real-weights test dependencies, onnxruntime, openvino and nncf, one a GPU, and scaling "
+                   "an hour or more on 2 cores)")
     p.add_argument("--search-worker", nargs=4, metavar=("METHOD", "FEATURES", "K", "OUT"), help=argparse.SUPPRESS)
     return p
 
@@ -626,6 +634,10 @@ def main(argv=None) -> int:
             print_search(bench_search(args, Path(tmp)), args.search_n, args.k)
         if not skip["names"]:
             print_names(bench_names(args))
+        if not skip["scaling"]:
+            from benchmarks.scaling import bench_scaling
+
+            bench_scaling(args, Path(tmp))  # prints each N's rows as they are measured
     return 0
 
 

@@ -29,6 +29,7 @@ def _all_pairs_top_k(x, k, **kw):
 @pytest.mark.parametrize("n,d,k", [(103, 16, 7), (64, 8, 1)])
 def test_search_equals_brute_force(n, d, k, monkeypatch):
     monkeypatch.setattr(search_mod, "_CHUNK_BYTES", 4 * n * 10)  # 10-row chunks: N is not a multiple
+    monkeypatch.setattr(search_mod, "_TILE", (10, 23))  # all pairs: tiles that cut across the blocks
     rng = np.random.default_rng(n)
     x = rng.standard_normal((n, d)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -47,6 +48,7 @@ def test_ties_are_broken_by_index_across_the_kth_place(copies, precision, monkey
     base = np.eye(4, dtype=np.float32)
     x = np.concatenate([base[[0]]] * copies + [base[[1]]] * 3)  # identical banners: ties for k=3
     monkeypatch.setattr(search_mod, "_CHUNK_BYTES", 4 * len(x) * 7)  # the ties span several blocks
+    monkeypatch.setattr(search_mod, "_TILE", (7, 11))
     for idx, scores in _all_pairs_top_k(x, 3, precision=precision):
         assert idx[0].tolist() == [1, 2, 3] and idx[copies - 1].tolist() == [0, 1, 2]
         assert idx[copies + 1].tolist() == [copies, copies + 2, 0]
@@ -74,6 +76,7 @@ def test_duplicate_banners_tie_exactly_wherever_the_blocks_fall(scale, monkeypat
     copies = np.sort(rng.choice(1500, 150, replace=False))
     x[copies] = x[copies[0]]  # one banner 150 times: a matrix product rounds its scores by position
     monkeypatch.setattr(search_mod, "_CHUNK_BYTES", 4 * len(x) * 250)  # 6 blocks
+    monkeypatch.setattr(search_mod, "_TILE", (250, 400))
     ref = _reference_top_k(x, 10)
     for idx, scores in _all_pairs_top_k(x, 10):
         np.testing.assert_array_equal(idx, ref)
@@ -106,6 +109,45 @@ def test_bf16_search_and_faiss_agree_with_exact():
     f_idx, f_scores = search_mod.top_k_faiss(x, x, 10, np.arange(2000))
     assert np.mean(f_idx == exact) > 0.999
     np.testing.assert_allclose(f_scores, scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("k", [38, 39])  # k near N: lists that never fill before the last tile
+def test_all_pairs_equals_brute_force_with_k_near_n(k, precision, monkeypatch):
+    monkeypatch.setattr(search_mod, "_TILE", (7, 11))
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((40, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # some pairs score below 0: thresholds that are not positive
+    idx, scores = search_mod.top_k_all_pairs(x, k, precision=precision)
+    np.testing.assert_array_equal(idx, _reference_top_k(x, k))
+    np.testing.assert_allclose(scores, np.take_along_axis(x @ x.T, idx, 1), atol=1e-6)
+
+
+def _clustered(n, d, seed):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n // 10, d))
+    x = (centres[rng.integers(0, len(centres), n)] + 0.4 * rng.standard_normal((n, d))).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_hnsw_backend_finds_the_exact_neighbours_of_clustered_features():
+    x = _clustered(4000, 32, 5)
+    exact, _ = search_mod.top_k_all_pairs(x, 10)
+    approx, scores = search_mod.top_k_faiss(x, x, 10, np.arange(len(x)), approximate=True)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, approx)])
+    assert recall >= 0.95, recall
+    assert not (approx == np.arange(len(x))[:, None]).any()  # itself left out
+    np.testing.assert_allclose(scores, np.take_along_axis(x @ x.T, approx, 1), atol=1e-5)
+
+
+def test_find_matches_backends(banner_dir, tiny_weights, tmp_path):
+    fs = extract_features(banner_dir, _recipe(tiny_weights), tmp_path, tiny_weights, workers=0, progress=False)
+    exact = find_matches(fs, k=3, precision="float32", save=False)
+    hnsw = find_matches(fs, k=3, backend="faiss-hnsw")
+    assert hnsw.backend == "faiss-hnsw" and hnsw.precision == "float32" and ".faiss-hnsw." in hnsw.path.name
+    np.testing.assert_array_equal(hnsw.neighbours, exact.neighbours)  # 21 banners: the graph reaches them all
+    with pytest.raises(BannermatchError, match=r"unknown backend 'annoy'; choose one of: torch, faiss, faiss-hnsw$"):
+        find_matches(fs, k=3, backend="annoy")
 
 
 def test_k_larger_than_collection_is_an_error():
