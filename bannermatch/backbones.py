@@ -7,6 +7,8 @@ every model. Each registry entry carries its own preprocessing defaults (mean, s
 
 from __future__ import annotations
 
+import copy
+
 import argparse
 import contextlib
 import functools
@@ -211,9 +213,11 @@ class Backbone(nn.Module):
     def in_precision(self, dtype: torch.dtype) -> Backbone:
         """The weights in ``dtype``, the precision the model computes in: no autocast, so no casts around every
         operation (bf16 weights ran 1.07-1.35x autocast over fp32 weights on an AMX CPU; BENCHMARKS.md run 8). The
-        pooling norm stays in float32: the pooled components are accumulated in float32, as under autocast."""
+        pooling norm is a float32 copy: the pooled components are accumulated in float32, as under autocast. A copy,
+        since it can be a module of the model itself (HF BEiT's pooler), which must stay in the model's precision:
+        CUDA's LayerNorm refuses half inputs with float32 weights."""
         self.to(dtype)
-        self.pool_norm.float()
+        self.pool_norm = copy.deepcopy(self.pool_norm).float()
         self.dtype = dtype
         return self
 

@@ -261,8 +261,9 @@ def top_k_all_pairs(
         for col in range(start, n, width):
             end = min(col + width, n)
             sims = _similarities(x[start:stop], x_search[col:end], buffer)
-            own = max(0, min(stop, end) - col)  # the block's own rows among these columns (the first tile)
-            sims[torch.arange(own, device=dev), torch.arange(own, device=dev)] = -torch.inf  # itself
+            own = max(0, min(stop, end) - col)  # columns that are also rows of this block
+            same = torch.arange(max(col, start), max(col, min(stop, end)), device=dev)  # both row and column here
+            sims[same - start, same - col] = -torch.inf  # itself
             found += _tile_candidates(sims, kth[start:stop], kth[col:end], start, col, own, n_cand)
         _merge_pairs(best_val, best_idx, *(torch.cat(part) for part in zip(*found)))
     out_idx = np.empty((n, k), np.int64)
@@ -296,7 +297,12 @@ def top_k_faiss(queries, database, k, exclude=None, approximate: bool = False) -
         index = faiss.IndexFlatIP(database.shape[1])
     index.add(database)
     extra = 1 if exclude is not None else 0
-    scores, idx = index.search(np.ascontiguousarray(queries, dtype=np.float32), k + extra)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    scores, idx = index.search(queries, k + extra)
+    if approximate and (short := np.flatnonzero((idx < 0).any(axis=1))).size:  # the graph found too few (-1)
+        exact = faiss.IndexFlatIP(database.shape[1])
+        exact.add(database)
+        scores[short], idx[short] = exact.search(queries[short], k + extra)
     if exclude is None:
         return idx.astype(np.int64), scores
     keep = idx != np.asarray(exclude)[:, None]

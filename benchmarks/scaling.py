@@ -37,7 +37,7 @@ def write_store(folder: Path, features: np.ndarray, names: dict[str, str]):
     """A feature store holding ``features`` as the ``simple`` view (the last block's CLS token) of ViT-B/16, with
     the image measures duplicates and issues read already cached (no banner files exist)."""
     from bannermatch import make_recipe
-    from bannermatch.queries import _STATS_VERSION, STATS_FILE
+    from bannermatch.reports.measures import _STATS_VERSION, STATS_FILE
     from bannermatch.store import FeatureStore
 
     recipe = make_recipe("dino_vitb16")
@@ -55,7 +55,8 @@ def write_store(folder: Path, features: np.ndarray, names: dict[str, str]):
     measures = {d: {"pixels": f"{i % (len(keys) - 50):016x}", "width": 600, "height": 900,  # 50 repeated pictures
                     "bright99": float(rng.uniform(0.1, 1)), "bright5": float(rng.uniform(0, 0.9)),
                     "laplacian": float(rng.uniform(5, 800)), "entropy": float(rng.uniform(1, 8)),
-                    "chroma": float(rng.uniform(0, 200))} for i, d in enumerate(digests)}
+                    "chroma": float(rng.uniform(0, 200)),
+                    "phash": rng.bytes(8).hex()} for i, d in enumerate(digests)}
     (folder / STATS_FILE).write_text(json.dumps({"version": _STATS_VERSION, "measures": measures}))
     return recipe
 
@@ -109,7 +110,7 @@ def _searches_and_reports(fs, n: int, args, tmp: Path) -> list[dict]:
     """The exact and approximate searches, then what the reports do with the matches beyond them."""
     from bannermatch.gallery import write_gallery
     from bannermatch.matches import Matches
-    from bannermatch.queries import find_duplicates, find_issues, find_unique
+    from bannermatch.reports import find_duplicates, find_issues, find_unique
     from bannermatch.search import top_k_faiss
 
     rows, found = bench_search_scaling(fs.features, args.k, args.search_repeats, n <= args.scaling_fp32_max)
@@ -138,7 +139,7 @@ def _searches_and_reports(fs, n: int, args, tmp: Path) -> list[dict]:
 def bench_scaling_n(n: int, args, tmp: Path, real_names: dict[str, str]) -> list[dict]:
     from bannermatch import load_features
     from bannermatch.explorer import MAX_SUGGESTIONS
-    from bannermatch.queries import find_issues
+    from bannermatch.reports import find_issues
     from bannermatch.steam import NameIndex, normalize_name
 
     folder = tmp / f"store_{n}"

@@ -428,3 +428,17 @@ def test_report_pages_escape_names(planted, tmp_path):
                  write_report(report, tmp_path, images="cdn")):
         html = page.read_text()
         assert "<script" not in html and "&lt;script&gt;window.__pwned=1&lt;/script&gt;" in html
+
+
+def test_banners_the_measuring_pass_could_not_read_are_not_hash_twins():
+    """Unmeasured banners have no hash (not hash 0, which would make them all twins of each other and of any
+    banner with few bits set); nearly flat ones are linked by pixels alone."""
+    from bannermatch.reports.duplicates import _link_inputs, hash_pairs
+
+    measures = {"1": {"pixels": "p1", "phash": "00000000000000ff", "entropy": 4.0},
+                "2": {"pixels": "p2", "phash": "00000000000000ff", "entropy": 0.5}}
+    pixels, bits, by_hash, by_cosine = _link_inputs(measures, ["1", "2", "3", "4"])
+    assert by_hash.tolist() == [True, False, False, False] and by_cosine.tolist() == [True, False, True, True]
+    assert pixels == ["p1", "p2", "", ""]
+    assert [len(p) for p in hash_pairs(bits, by_hash, 8)] == [0, 0]
+    assert [p.tolist() for p in hash_pairs(bits, np.ones(4, bool), 8)] != [[], []]  # what the mask prevents

@@ -26,10 +26,11 @@ def _all_pairs_top_k(x, k, **kw):
     return top_k(x, x, k, exclude=np.arange(len(x)), **kw), search_mod.top_k_all_pairs(x, k, **kw)
 
 
+@pytest.mark.parametrize("tile", [(10, 23), (20, 7)])  # tiles that cut across the blocks; blocks taller than tiles
 @pytest.mark.parametrize("n,d,k", [(103, 16, 7), (64, 8, 1)])
-def test_search_equals_brute_force(n, d, k, monkeypatch):
+def test_search_equals_brute_force(n, d, k, tile, monkeypatch):
     monkeypatch.setattr(search_mod, "_CHUNK_BYTES", 4 * n * 10)  # 10-row chunks: N is not a multiple
-    monkeypatch.setattr(search_mod, "_TILE", (10, 23))  # all pairs: tiles that cut across the blocks
+    monkeypatch.setattr(search_mod, "_TILE", tile)
     rng = np.random.default_rng(n)
     x = rng.standard_normal((n, d)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)

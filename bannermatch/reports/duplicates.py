@@ -64,16 +64,18 @@ def check_threshold(threshold: float) -> float:
     return float(threshold)
 
 
-def _link_inputs(measures: dict[str, dict], keys: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Each banner's decoded-pixel digest ("" if unreadable), perceptual hash as uint64, and whether it may be
-    linked by the hash or the cosine at all: not when it is nearly flat (under the low-information threshold),
-    since an empty picture's few DCT bits and its features both say only "empty": two different flat placeholders
-    hash alike and embed alike. Flat banners are linked by identical pixels alone."""
+def _link_inputs(measures: dict[str, dict], keys: list[str]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Each banner's decoded-pixel digest ("" if unreadable), perceptual hash as uint64, whether the hash may link
+    it, and whether the cosine may. Nearly flat banners (under the low-information threshold) are linked by
+    identical pixels alone: an empty picture's few DCT bits and its features both say only "empty", so two
+    different flat placeholders hash alike and embed alike. A banner the measuring pass could not read has no hash
+    and is linked by the cosine alone."""
     flat = ISSUE_THRESHOLDS["low_information"]
     pixels = [measures.get(key, {}).get("pixels", "") for key in keys]
     hexes = [measures.get(key, {}).get("phash", "") for key in keys]
-    structured = np.array([measures.get(key, {}).get("entropy", flat) >= flat for key in keys])
-    return pixels, np.array([int(h, 16) if h else 0 for h in hexes], np.uint64), structured
+    by_cosine = np.array([measures.get(key, {}).get("entropy", flat) >= flat for key in keys])
+    by_hash = by_cosine & np.array([bool(h) for h in hexes])
+    return pixels, np.array([int(h, 16) if h else 0 for h in hexes], np.uint64), by_hash, by_cosine
 
 
 def _popcount(x: np.ndarray) -> np.ndarray:
@@ -83,12 +85,12 @@ def _popcount(x: np.ndarray) -> np.ndarray:
     return np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(-1, dtype=np.uint8)
 
 
-def hash_pairs(bits: np.ndarray, linkable: np.ndarray, max_distance: int,
-               rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def hash_pairs(bits: np.ndarray, linkable: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
     """Every pair (i < j) of ``linkable`` banners whose hashes are at most ``max_distance`` bits apart, a block of
-    rows at a time."""
+    rows at a time (blocks of about 2**25 XORs, 256 MiB of uint64, whatever the collection's size)."""
     idx = np.flatnonzero(linkable)
     h = bits[idx]
+    rows = max(1, 2**25 // max(len(h), 1))
     out_i, out_j = [], []
     for start in range(0, len(h), rows):
         block = _popcount(h[start:start + rows, None] ^ h[None, start:])  # the upper triangle's rows
@@ -156,9 +158,9 @@ def calibrate_threshold(
     except (OSError, ValueError, KeyError, TypeError):
         pass
     measures = image_measures(features, progress)
-    pixels, bits, linkable = _link_inputs(measures, features.keys)
+    pixels, bits, by_hash, _ = _link_inputs(measures, features.keys)
     m = plain_matches(features, matches, min(10, n - 1), device)
-    distinct = _nearest_distinct(features, m, pixels, bits, linkable, hash_distance)
+    distinct = _nearest_distinct(features, m, pixels, bits, by_hash, hash_distance)
     copies, true_index, _ = copy_features(features, weights, device, n_copies, seed, MILD_EDITS, progress,
                                           one_edit_each=True)
     copy_cos = np.sum(copies * features.features[true_index], axis=1)
@@ -305,10 +307,10 @@ def find_duplicates(
                    calibrate_threshold(features, weights, device, matches, hash_distance, progress=progress))
     threshold, n = calibration.threshold, len(features.keys)
     measures = image_measures(features, progress)
-    pixels, bits, linkable = _link_inputs(measures, features.keys)
-    hi, hj = hash_pairs(bits, linkable, hash_distance)
+    pixels, bits, by_hash, by_cosine = _link_inputs(measures, features.keys)
+    hi, hj = hash_pairs(bits, by_hash, hash_distance)
     ci, cj, _ = near_pairs(features, threshold, matches, device)
-    keep = linkable[ci] & linkable[cj]
+    keep = by_cosine[ci] & by_cosine[cj]
     ci, cj = ci[keep], cj[keep]
     first: dict[str, int] = {}  # identical pixels: each banner linked to the first of its picture
     pi, pj = np.array([(i, first.setdefault(p, i)) for i, p in enumerate(pixels) if p], np.int64).reshape(-1, 2).T
@@ -318,10 +320,12 @@ def find_duplicates(
         cos = x @ x.T
         pix = np.array([pixels[i] for i in component], dtype=object)
         same = (pix[:, None] == pix[None, :]) & (pix[:, None] != "")
-        both = linkable[component][:, None] & linkable[component][None, :]
-        close = both & (_popcount(bits[component][:, None] ^ bits[component][None, :]) <= hash_distance)
+        hashed, embedded = by_hash[component], by_cosine[component]
+        close = hashed[:, None] & hashed[None, :] & (
+            _popcount(bits[component][:, None] ^ bits[component][None, :]) <= hash_distance)
         # any link counts; identical pixels merge first, then hash links, then the most similar pairs
-        strength = np.where(same, 3.0, np.where(close, 2.0, np.where(both, cos, -np.inf)))
+        strength = np.where(same, 3.0, np.where(close, 2.0, np.where(embedded[:, None] & embedded[None, :], cos,
+                                                                     -np.inf)))
         # banners of identical pixels are one node (placeholders: hundreds of app ids, one picture)
         labels = [p or f"unreadable {i}" for i, p in enumerate(pix)]
         _, first, node_of = np.unique(labels, return_index=True, return_inverse=True)
