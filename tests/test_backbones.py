@@ -390,6 +390,9 @@ def test_the_model_computes_in_its_working_precision_and_pools_in_float32(tiny_w
         assert {p.dtype for p in backbone.parameters() if id(p) not in pooling} == {getattr(torch, dtype)}
         assert {p.dtype for p in backbone.pool_norm.parameters()} <= {torch.float32}
         assert recipe.source == "timm" or len(pooling) == 2  # BEiT's trained pooler norm is there, in fp32
+        # the model's own modules all compute in its precision: HF BEiT runs its pooler inside forward, and CUDA's
+        # LayerNorm refuses a half input with float32 weights, so the fp32 pooling norm is a copy, not that module
+        assert {p.dtype for p in backbone.model.parameters()} == {getattr(torch, dtype)}
         x = _batch(recipe, 4)
         parts = extraction.compute_components(backbone, x, recipe)
         assert {v.dtype for v in parts.values()} == {torch.float32}
