@@ -243,9 +243,11 @@ class FeatureStore:
     def record(self, identities: dict[str, str], failed: dict[str, str], collection: dict | None = None,
                sample: dict | None = None) -> None:
         """Save what a run learnt (listing identities, unusable images, the collection or the sample)."""
-        if not (identities or failed) and (collection is None or collection == self.manifest["collection"]) \
-                and (sample is None or sample == self.manifest.get("sample")):
-            return  # nothing new (a re-run): nothing to write, so a read-only store stays usable
+        unchanged = not (identities or failed) and collection in (None, self.manifest["collection"]) \
+            and sample in (None, self.manifest.get("sample"))
+        if unchanged and not os.access(self.path, os.W_OK):
+            return  # a read-only store and nothing new: nothing to write, so it stays usable
+        # otherwise compared with the manifest on disk, under the lock: another run may have changed it meanwhile
         with self._updating():
             self._learn(identities, failed)
             if collection is not None:

@@ -78,6 +78,21 @@ def test_two_writers_with_their_own_manifest_copies_keep_each_others_segments(ba
     assert manifest["identities"] == {"id-a": "aaaa", "id-c": "cccc"} and manifest["failed"] == {"eeee": "not an image"}
 
 
+def test_the_last_run_to_finish_sets_the_collection_even_when_its_copy_looked_unchanged(tiny_weights, tmp_path):
+    """Bug: ``record`` skipped the write when the collection equalled this process's own (stale) copy of the
+    manifest, so a run that finished last left another run's collection in place."""
+    recipe = _recipe(tiny_weights)
+    path = tmp_path / recipe.slug
+    first = {"entries": [["10", "aaaa"]], "names": {}, "images": "one"}
+    setup = FeatureStore.open(path, recipe, create=True)
+    setup.record({}, {}, first)
+    a = FeatureStore.open(path, recipe)  # a notebook that will finish last, with `first` as its collection
+    b = FeatureStore.open(path, recipe)
+    b.record({}, {}, {"entries": [["20", "bbbb"]], "names": {}, "images": "two"})
+    a.record({}, {}, first)
+    assert json.loads((path / "manifest.json").read_text())["collection"] == first
+
+
 def test_saved_matches_are_keyed_to_the_features_bytes(banner_dir, tiny_weights, tmp_path):
     """Bug: saved matches were keyed by keys and digests only, so matches of other features (rows that held other
     banners' features, since repaired) were reused for the right ones."""
