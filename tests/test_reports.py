@@ -439,6 +439,6 @@ def test_banners_the_measuring_pass_could_not_read_are_not_hash_twins():
                 "2": {"pixels": "p2", "phash": "00000000000000ff", "entropy": 0.5}}
     pixels, bits, by_hash, by_cosine = _link_inputs(measures, ["1", "2", "3", "4"])
     assert by_hash.tolist() == [True, False, False, False] and by_cosine.tolist() == [True, False, True, True]
-    assert pixels == ["p1", "p2", "", ""]
+    assert pixels.tolist() == ["p1", "p2", "", ""]
     assert [len(p) for p in hash_pairs(bits, by_hash, 8)] == [0, 0]
     assert [p.tolist() for p in hash_pairs(bits, np.ones(4, bool), 8)] != [[], []]  # what the mask prevents

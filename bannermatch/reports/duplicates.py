@@ -64,14 +64,14 @@ def check_threshold(threshold: float) -> float:
     return float(threshold)
 
 
-def _link_inputs(measures: dict[str, dict], keys: list[str]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+def _link_inputs(measures: dict[str, dict], keys: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Each banner's decoded-pixel digest ("" if unreadable), perceptual hash as uint64, whether the hash may link
     it, and whether the cosine may. Nearly flat banners (under the low-information threshold) are linked by
     identical pixels alone: an empty picture's few DCT bits and its features both say only "empty", so two
     different flat placeholders hash alike and embed alike. A banner the measuring pass could not read has no hash
     and is linked by the cosine alone."""
     flat = ISSUE_THRESHOLDS["low_information"]
-    pixels = [measures.get(key, {}).get("pixels", "") for key in keys]
+    pixels = np.array([measures.get(key, {}).get("pixels", "") for key in keys], dtype=object)
     hexes = [measures.get(key, {}).get("phash", "") for key in keys]
     by_cosine = np.array([measures.get(key, {}).get("entropy", flat) >= flat for key in keys])
     by_hash = by_cosine & np.array([bool(h) for h in hexes])
@@ -103,19 +103,24 @@ def hash_pairs(bits: np.ndarray, linkable: np.ndarray, max_distance: int) -> tup
     return np.concatenate(out_i), np.concatenate(out_j)
 
 
-def _nearest_distinct(features: FeatureSet, matches: Matches, pixels: list[str], bits: np.ndarray,
-                      linkable: np.ndarray, hash_distance: int) -> np.ndarray:
+def _pixel_and_hash_links(pixels: np.ndarray, bits: np.ndarray, by_hash: np.ndarray, a: np.ndarray, b: np.ndarray,
+                          hash_distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """For banners ``a`` and ``b`` (index arrays, broadcast): identical decoded pixels, and hashes at most
+    ``hash_distance`` bits apart (between banners the hash may link)."""
+    same = (pixels[a] == pixels[b]) & (pixels[a] != "")
+    close = by_hash[a] & by_hash[b] & (_popcount(bits[a] ^ bits[b]) <= hash_distance)
+    return same, close
+
+
+def _nearest_distinct(matches: Matches, pixels: np.ndarray, bits: np.ndarray, by_hash: np.ndarray,
+                      hash_distance: int) -> np.ndarray:
     """Each banner's cosine to its nearest stored neighbour that neither pixels nor the hash link to it (banners
     whose every stored neighbour is so linked are left out)."""
     nb, sc = matches.neighbours, matches.scores
-    rows = np.repeat(np.arange(len(nb)), nb.shape[1]).reshape(nb.shape)
-    pix = np.array(pixels, dtype=object)
-    linked = (pix[rows] == pix[nb]) & (pix[rows] != "")
-    linked |= linkable[rows] & linkable[nb] & (_popcount(bits[rows] ^ bits[nb]) <= hash_distance)
-    free = ~linked
-    first = free.argmax(axis=1)
+    same, close = _pixel_and_hash_links(pixels, bits, by_hash, np.arange(len(nb))[:, None], nb, hash_distance)
+    free = ~(same | close)
     found = free.any(axis=1)
-    return sc[np.flatnonzero(found), first[found]]
+    return sc[np.flatnonzero(found), free.argmax(axis=1)[found]]
 
 
 def calibrate_threshold(
@@ -160,7 +165,7 @@ def calibrate_threshold(
     measures = image_measures(features, progress)
     pixels, bits, by_hash, _ = _link_inputs(measures, features.keys)
     m = plain_matches(features, matches, min(10, n - 1), device)
-    distinct = _nearest_distinct(features, m, pixels, bits, by_hash, hash_distance)
+    distinct = _nearest_distinct(m, pixels, bits, by_hash, hash_distance)
     copies, true_index, _ = copy_features(features, weights, device, n_copies, seed, MILD_EDITS, progress,
                                           one_edit_each=True)
     copy_cos = np.sum(copies * features.features[true_index], axis=1)
@@ -318,16 +323,14 @@ def find_duplicates(
     for component in _components(n, np.concatenate([pi, hi, ci]), np.concatenate([pj, hj, cj])):
         x = features.features[component]
         cos = x @ x.T
-        pix = np.array([pixels[i] for i in component], dtype=object)
-        same = (pix[:, None] == pix[None, :]) & (pix[:, None] != "")
-        hashed, embedded = by_hash[component], by_cosine[component]
-        close = hashed[:, None] & hashed[None, :] & (
-            _popcount(bits[component][:, None] ^ bits[component][None, :]) <= hash_distance)
+        same, close = _pixel_and_hash_links(pixels, bits, by_hash, component[:, None], component[None, :],
+                                            hash_distance)
+        embedded = by_cosine[component]
         # any link counts; identical pixels merge first, then hash links, then the most similar pairs
         strength = np.where(same, 3.0, np.where(close, 2.0, np.where(embedded[:, None] & embedded[None, :], cos,
                                                                      -np.inf)))
         # banners of identical pixels are one node (placeholders: hundreds of app ids, one picture)
-        labels = [p or f"unreadable {i}" for i, p in enumerate(pix)]
+        labels = [p or f"unreadable {i}" for i, p in enumerate(pixels[component])]
         _, first, node_of = np.unique(labels, return_index=True, return_inverse=True)
         clusters = complete_linkage(strength[np.ix_(first, first)], threshold)
         clustered = {v for c in clusters for v in c}
