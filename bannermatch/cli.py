@@ -159,18 +159,19 @@ def exclusion_from_args(args, fs):
     return exclusion(fs, duplicates, banned or ())
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+def _int_range(low: int, high: int | None = None, message: str = ""):
+    """An argparse type: an integer from ``low`` (to ``high``), else ``message`` as the one-line error."""
+    def integer(text: str) -> int:
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(message or f"must be at least {low}")
+        return value
+    return integer
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be at least 0")
-    return value
+_positive = _int_range(1)
+_non_negative = _int_range(0)
+_hash_distance = _int_range(0, 64, "a hash distance is a number of bits from 0 to 64")
 
 
 # ------------------------------------------------------------------------------------------ subcommands
@@ -459,13 +460,6 @@ def cmd_most_played(args) -> None:
             print(f"#{game.rank} {game.name or game.appid} ({game.appid}): "
                   + ", ".join(f"{fs.name(key) or key} {score:.2f}" for key, score in game.matches[:5]))
     _save_report(report, args)
-
-
-def _hash_distance(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 64:
-        raise argparse.ArgumentTypeError("a hash distance is a number of bits from 0 to 64")
-    return value
 
 
 def add_report_commands(sub) -> None:
