@@ -25,12 +25,29 @@ _TILE: tuple[int, int] | None = None
 _TIE_EXTRA = 4  # fp32 keeps a few extra, so ties of up to this many duplicates at the k-th place settle at once
 
 
+_GROUP = 8  # the all-pairs search reads each score once, as part of a column's maximum over this many rows
+
+
 def _chunk_rows(n: int) -> int:
     return max(1, min(4096, _CHUNK_BYTES // (4 * max(n, 1))))
 
 
-def _tile(n: int) -> tuple[int, int]:
-    return _TILE or (_chunk_rows(n), n)
+def _blocks(n: int, itemsize: int):
+    """The all-pairs products, a block of rows at a time: ``(start, stop, [(col, end), ...])``, rows ``start:stop``
+    against columns ``col:end`` (from ``start`` on: the pairs before were seen from the other side). As many rows
+    as ``_CHUNK_BYTES`` holds against the columns left, so blocks grow as the triangle narrows (fewer, fuller steps),
+    unless ``_TILE`` sets fixed tiles."""
+    start = 0
+    while start < n:
+        block, width = _TILE or (max(1, _CHUNK_BYTES // (itemsize * (n - start))), n - start)
+        stop = min(start + block, n)
+        yield start, stop, [(col, min(col + width, n)) for col in range(start, n, width)]
+        start = stop
+
+
+def _tile_size(n: int, itemsize: int) -> int:
+    """Scores in the largest tile of :func:`_blocks`."""
+    return _TILE[0] * _TILE[1] if _TILE else max(_CHUNK_BYTES // itemsize, n)
 
 
 def _similarities(q: torch.Tensor, db: torch.Tensor, buffer: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,54 +91,83 @@ def _exact_scores(q: torch.Tensor, db: torch.Tensor, idx: torch.Tensor) -> torch
     return torch.stack([(q * db[idx[:, j]]).sum(dim=1) for j in range(idx.shape[1])], dim=1)
 
 
-def _error_bound(q: torch.Tensor, db_max_norm: torch.Tensor) -> torch.Tensor:
-    """Per row, how far a product score and an exact score of the same pair can differ: twice the fp32 bound
-    d * 2^-24 * |q| * |c| of any summation order."""
-    return 2 * q.shape[1] * 2.0 ** -24 * q.norm(dim=1) * db_max_norm
+class _Rounding:
+    """What bounds the distance between a product score (the search's float type) and the exact fp32 score of the
+    same pair, measured once on the database: its largest norm, and after rounding to the search's type, its
+    largest norm and largest rounding."""
+
+    def __init__(self, db: torch.Tensor, db_search: torch.Tensor):
+        self.dtype = db_search.dtype
+        self.max_norm = db.norm(dim=1).max()
+        rounded = db_search.float() if db_search.dtype != torch.float32 else db
+        self.max_norm_rounded = rounded.norm(dim=1).max()
+        self.max_rounding = (rounded - db).norm(dim=1).max()
+
+    def bound(self, q: torch.Tensor) -> torch.Tensor:
+        """Per row of ``q``: |product - exact| for any database row, by the triangle inequality over the steps: each
+        side rounded (|q~ - q| |c~| + |q| |c~ - c|), fp32 sums in any order (d * 2^-24 * |q| * |c|, for the product
+        and for the exact score), and a bf16 result rounded once more (half a step: 2^-8 of it). 1% on top covers
+        the rounding of this sum itself."""
+        rounded = q.to(self.dtype).float()
+        n_q, n_rounded = q.norm(dim=1), rounded.norm(dim=1)
+        result = 2.0 ** -8 if self.dtype == torch.bfloat16 else 0.0
+        sums = q.shape[1] * 2.0 ** -24 * (n_rounded * self.max_norm_rounded + n_q * self.max_norm)
+        return 1.01 * (result * n_rounded * self.max_norm_rounded + (rounded - q).norm(dim=1) * self.max_norm_rounded
+                       + n_q * self.max_rounding + sums)
+
+    def fp32_bound(self, q: torch.Tensor) -> torch.Tensor:
+        """The same for fp32 products: the two sums' bounds alone."""
+        return 1.01 * 2 * q.shape[1] * 2.0 ** -24 * q.norm(dim=1) * self.max_norm
 
 
-def _finish(q, db, vals, idx, k, precision, db_max_norm, exclude=None) -> tuple[np.ndarray, np.ndarray]:
+def _finish(q, db, vals, idx, k, rounding: _Rounding, exclude=None) -> tuple[np.ndarray, np.ndarray]:
     """The final k of each row's candidates, by exact score (descending), then index (ascending).
 
-    ``vals`` are the product scores the candidates were chosen by. fp32 rows whose k-th exact score is not clear
-    of the last candidate's product score by the rounding bound, so that a banner outside the candidates could
-    still tie or beat it (duplicates), are settled on their whole row; bf16 candidates are approximate by design,
-    and only a tie at the k-th place among them is settled.
+    ``vals`` are the product scores the candidates were chosen by; every other banner's product score is at most
+    their lowest. A row whose k-th exact score is not clear of that lowest score by the rounding bound, so that a
+    banner outside the candidates could still tie or beat it (duplicates, or scores closer than bf16's steps), is
+    settled on its whole row: the lists are those of fp32 brute force in either precision.
     """
     scores = _exact_scores(q, db, idx)
     if exclude is not None:
         scores[idx == exclude[:, None]] = -torch.inf
     scores, idx = _lexsort_topk(scores, idx, idx.shape[1])
-    if idx.shape[1] > k:
-        if precision == "bfloat16":
-            unsure = scores[:, k - 1] == scores[:, k]
-        else:
-            unsure = scores[:, k - 1] <= vals.float().min(dim=1).values + _error_bound(q, db_max_norm)
-        rows = torch.nonzero(unsure).flatten()
-        if len(rows):
-            ex = exclude[rows] if exclude is not None else None
-            scores[rows, :k], idx[rows, :k] = _settle(q[rows], db, scores[rows, k - 1], idx[rows], k, db_max_norm, ex)
+    unsure = torch.nonzero(scores[:, k - 1] <= vals.float().min(dim=1).values + rounding.bound(q)).flatten()
+    if len(unsure):
+        ex = exclude[unsure] if exclude is not None else None
+        scores[unsure, :k], idx[unsure, :k] = _settle(q[unsure], db, scores[unsure], idx[unsure], k, rounding, ex)
     return idx[:, :k].cpu().numpy(), scores[:, :k].cpu().numpy()
 
 
-def _settle(q, db, kth, candidates, k, db_max_norm, exclude=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of a few rows against the whole database: every banner whose product score comes within the
-    rounding bound of the row's k-th exact score so far is rescored exactly."""
+def _settle(q, db, scores, candidates, k, rounding: _Rounding, exclude=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of some rows against the whole database, given their candidates' exact ``scores`` (descending):
+    every banner whose fp32 product score comes within the fp32 rounding bound of the row's k-th exact score so far
+    joins them, rescored exactly (fp32 products here, even after a bf16 search: their bound is 100 times tighter,
+    so few banners are new)."""
     out_scores = torch.empty(len(q), k, device=q.device)
     out_idx = torch.empty(len(q), k, dtype=torch.int64, device=q.device)
-    step = _chunk_rows(db.shape[0])
+    n, step = len(db), _chunk_rows(len(db))
     for start in range(0, len(q), step):
-        sims = _similarities(q[start:start + step], db)
-        bound = _error_bound(q[start:start + step], db_max_norm)
-        for r in range(len(sims)):
-            row = start + r
-            near = torch.nonzero(sims[r] >= kth[row] - bound[r]).flatten()
-            cand = torch.unique(torch.cat([near, candidates[row]]))
-            scores = _exact_scores(q[row:row + 1], db, cand[None])[0]
-            if exclude is not None:
-                scores[cand == exclude[row]] = -torch.inf
-            s, i = _lexsort_topk(scores[None], cand[None], k)
-            out_scores[row], out_idx[row] = s[0], i[0]
+        rows = torch.arange(start, min(start + step, len(q)), device=q.device)
+        sims = _similarities(q[rows], db)
+        r, c = torch.nonzero(sims >= (scores[rows, k - 1] - rounding.fp32_bound(q[rows]))[:, None], as_tuple=True)
+        del sims
+        known = ((rows[:, None] - start) * n + candidates[rows]).flatten()
+        new = r * n + c
+        new = new[~torch.isin(new, known)]
+        r, c = new // n, new % n
+        new_scores = (q[rows][r] * db[c]).sum(dim=1)  # as _exact_scores sums: duplicates tie exactly
+        if exclude is not None:
+            new_scores[c == exclude[rows][r]] = -torch.inf
+        r = torch.cat([torch.arange(len(rows), device=q.device).repeat_interleave(candidates.shape[1]), r])
+        c = torch.cat([candidates[rows].flatten(), c])
+        all_scores = torch.cat([scores[rows].flatten(), new_scores])
+        order = torch.argsort(c, stable=True)
+        order = order[torch.argsort(all_scores[order], descending=True, stable=True)]
+        order = order[torch.argsort(r[order], stable=True)]  # by row, then score (descending), then index
+        first = torch.searchsorted(r[order], torch.arange(len(rows), device=q.device))
+        at = order[first[:, None] + torch.arange(k, device=q.device)]
+        out_scores[rows], out_idx[rows] = all_scores[at], c[at]
     return out_scores, out_idx
 
 
@@ -143,7 +189,7 @@ def top_k(
     q_all = torch.as_tensor(queries, dtype=torch.float32)
     _check_search(precision, k, db.shape[0] - (1 if exclude is not None else 0))
     db_search = db.to(torch.bfloat16) if precision == "bfloat16" else db
-    db_max_norm = db.norm(dim=1).max()
+    rounding = _Rounding(db, db_search)
     n_cand = _n_candidates(k, precision, db.shape[0])
     out_idx = np.empty((len(q_all), k), np.int64)
     out_val = np.empty((len(q_all), k), np.float32)
@@ -158,8 +204,7 @@ def top_k(
             sims[torch.arange(len(q), device=dev)[valid], ex[valid]] = -torch.inf
         vals, idx = torch.topk(sims, n_cand, dim=1)
         del sims
-        out_idx[start:start + len(q)], out_val[start:start + len(q)] = _finish(q, db, vals, idx, k, precision,
-                                                                                db_max_norm, ex)
+        out_idx[start:start + len(q)], out_val[start:start + len(q)] = _finish(q, db, vals, idx, k, rounding, ex)
     return out_idx, out_val
 
 
@@ -169,40 +214,71 @@ def _merge(vals, idx, new_vals, new_idx) -> tuple[torch.Tensor, torch.Tensor]:
     return best, torch.cat([idx, new_idx], 1).gather(1, at)
 
 
+def _argsort(key: torch.Tensor) -> torch.Tensor:
+    """A stable argsort; on CPU through numpy, whose int64 sort ran twice as fast as torch's two sorts it replaces."""
+    if key.device.type == "cpu":
+        return torch.from_numpy(np.argsort(key.numpy(), kind="stable"))
+    return torch.argsort(key, stable=True)
+
+
 def _merge_pairs(best_val, best_idx, rows, cands, vals) -> None:
     """Merge scattered candidates (``cands[e]`` scoring ``vals[e]`` for row ``rows[e]``) into the running lists,
-    in place: each touched row's best new candidates (as many as a list holds: a row can be offered thousands
-    while its list is far from final) are packed into one padded row, then merged as a block."""
+    in place: one sort by row, then score (descending, as an integer: the float's bits, negatives after positives),
+    puts each row's candidates together, best first; each touched row's best (as many as a list holds: a row can be
+    offered thousands while its list is far from final) are packed into one padded row, then merged as a block."""
     if not len(rows):
         return
-    by_score = torch.argsort(vals.float(), descending=True, stable=True)
-    rows, order = torch.sort(rows[by_score], stable=True)  # each row's candidates together, best first
-    order = by_score[order]
-    touched, counts = torch.unique_consecutive(rows, return_counts=True)
-    group = torch.repeat_interleave(torch.arange(len(touched), device=rows.device), counts)
-    slot = torch.arange(len(rows), device=rows.device) - (torch.cumsum(counts, 0) - counts)[group]
+    dev = rows.device
+    bits = vals.float().view(torch.int32).to(torch.int64)
+    falling = torch.where(bits < 0, bits + (1 << 32), bits ^ 0x7FFFFFFF)  # in [0, 2^32), grows as the score falls
+    order = _argsort(rows * (1 << 32) + falling)
+    rows = rows[order]
+    first = torch.ones(len(rows), dtype=torch.bool, device=dev)
+    first[1:] = rows[1:] != rows[:-1]
+    starts = torch.nonzero(first).flatten()
+    counts = torch.diff(starts, append=starts.new_tensor([len(rows)]))
+    group = torch.repeat_interleave(torch.arange(len(starts), device=dev), counts)
+    slot = torch.arange(len(rows), device=dev) - starts[group]
     keep = slot < best_val.shape[1]
     width = min(int(counts.max()), best_val.shape[1])
-    new_val = torch.full((len(touched), width), -torch.inf, device=rows.device)
-    new_idx = torch.full((len(touched), width), -1, dtype=torch.int64, device=rows.device)
+    new_val = torch.full((len(starts), width), -torch.inf, device=dev)
+    new_idx = torch.full((len(starts), width), -1, dtype=torch.int64, device=dev)
     new_val[group[keep], slot[keep]] = vals[order[keep]].float()
     new_idx[group[keep], slot[keep]] = cands[order[keep]]
+    touched = rows[starts]
     best_val[touched], best_idx[touched] = _merge(best_val[touched], best_idx[touched], new_val, new_idx)
 
 
-def _above(scores: torch.Tensor, kth: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(row, column)`` of the scores strictly above ``kth`` of their row (``axis`` 0) or column (1), a finite
-    threshold each. On CPU through numpy: torch's broadcast compare and nonzero took 5-8 ns a score on 2 busy
-    cores, numpy's 0.5-0.9 (the bf16 product itself: about 5 at that load); a bf16 score is compared as its int16
-    bits, which order positive values as their floats do."""
-    kth = kth.to(scores.dtype)
-    if scores.device.type != "cpu" or (scores.dtype == torch.bfloat16 and not bool((kth > 0).all())):
-        return torch.nonzero(scores > (kth[:, None] if axis == 0 else kth[None, :]), as_tuple=True)
+def _above(scores: torch.Tensor, kth_rows: torch.Tensor, kth_cols: torch.Tensor) -> tuple[tuple, tuple]:
+    """``(rows, columns)`` of the scores strictly above their row's threshold, and of those strictly above their
+    column's (finite thresholds).
+
+    Reading the block is the cost (the scores are in memory, not in cache), so it is read once: the maximum of each
+    column over ``_GROUP`` rows at a time is compared with the lower of the group's lowest row threshold and the
+    column's, and only the few groups above are looked at score by score (two compares and two scans of a byte mask
+    took 3.5 times as long at N = 100,000). On CPU through numpy (torch's broadcast compare and nonzero took 5-8 ns
+    a score on 2 busy cores, numpy's 0.5-0.9); a bf16 score is read as its int16 bits, which order positive values
+    as their floats do."""
+    kth_rows, kth_cols = kth_rows.to(scores.dtype), kth_cols.to(scores.dtype)
+    if scores.device.type != "cpu" or (scores.dtype == torch.bfloat16 and not bool((kth_rows > 0).all()
+                                                                                   and (kth_cols > 0).all())):
+        return (torch.nonzero(scores > kth_rows[:, None], as_tuple=True),
+                torch.nonzero(scores > kth_cols[None, :], as_tuple=True))
     if scores.dtype == torch.bfloat16:
-        scores, kth = scores.view(torch.int16), kth.view(torch.int16)
-    s, t = scores.numpy(), kth.numpy()
-    flat = np.flatnonzero(np.greater(s, t[:, None] if axis == 0 else t[None, :]))
-    return torch.from_numpy(flat // s.shape[1]), torch.from_numpy(flat % s.shape[1])
+        scores, kth_rows, kth_cols = (t.view(torch.int16) for t in (scores, kth_rows, kth_cols))
+    s, t_rows, t_cols = scores.numpy(), kth_rows.numpy(), kth_cols.numpy()
+    n_rows, width = s.shape
+    grouped = n_rows // _GROUP * _GROUP
+    column_max = s[:grouped].reshape(-1, _GROUP, width).max(axis=1)
+    lowest = np.minimum(t_rows[:grouped].reshape(-1, _GROUP).min(axis=1)[:, None], t_cols[None, :])
+    group, col = np.divmod(np.flatnonzero(column_max > lowest), width)
+    rows = np.concatenate([(group[:, None] * _GROUP + np.arange(_GROUP)).ravel(),
+                           np.repeat(np.arange(grouped, n_rows), width)])  # the last rows, if not a whole group
+    cols = np.concatenate([np.repeat(col, _GROUP), np.tile(np.arange(width), n_rows - grouped)])
+    values = np.take(s, rows * width + cols)  # a whole tile: contiguous
+    by_row, by_col = values > t_rows[rows], values > t_cols[cols]
+    return ((torch.from_numpy(rows[by_row]), torch.from_numpy(cols[by_row])),
+            (torch.from_numpy(rows[by_col]), torch.from_numpy(cols[by_col])))
 
 
 def _tile_candidates(sims, kth_rows, kth_cols, row0: int, col0: int, own: int, n_cand: int) -> list:
@@ -212,20 +288,19 @@ def _tile_candidates(sims, kth_rows, kth_cols, row0: int, col0: int, own: int, n
     reaches both rows through the row direction). Strictly above: a tie cannot enter a list it would not improve
     (a full list of equal scores is settled exactly later), and a tile of identical banners offers nothing. While a
     list is not yet full (its k'-th score is -inf), a top-k over the tile takes the threshold's place."""
+    dev = sims.device
+    kth_cols = kth_cols.clone()
+    kth_cols[:own] = torch.inf  # the square: through the row direction only
+    if not (torch.isinf(kth_rows).any() or torch.isinf(kth_cols[own:]).any()):
+        (r, c), (r2, c2) = _above(sims, kth_rows, kth_cols)
+        return [(r.to(dev) + row0, c.to(dev) + col0, sims[r, c]), (c2.to(dev) + col0, r2.to(dev) + row0, sims[r2, c2])]
     found = []
-    cols = sims[:, own:]
-    for scores, kth, axis, first, other in ((sims, kth_rows, 0, row0, col0), (cols, kth_cols[own:], 1, col0 + own, row0)):
-        if not scores.numel():
-            continue
-        if torch.isinf(kth).any():
+    for scores, axis, first, other in ((sims, 0, row0, col0), (sims[:, own:], 1, col0 + own, row0)):
+        if scores.numel():
             vals, at = torch.topk(scores, min(n_cand, scores.shape[1 - axis]), dim=1 - axis)
-            mine = torch.arange(len(kth), device=sims.device).expand_as(at) if axis else \
-                torch.arange(len(kth), device=sims.device)[:, None].expand_as(at)
+            mine = torch.arange(scores.shape[axis], device=dev)
+            mine = mine.expand_as(at) if axis else mine[:, None].expand_as(at)
             found.append((mine.flatten() + first, at.flatten() + other, vals.flatten()))
-        else:
-            r, c = _above(scores, kth, axis)
-            mine, theirs = (r, c) if axis == 0 else (c, r)
-            found.append((mine.to(sims.device) + first, theirs.to(sims.device) + other, scores[r, c]))
     return found
 
 
@@ -237,29 +312,26 @@ def top_k_all_pairs(
 
     Similarity is symmetric, so a block of rows is multiplied only with itself and the rows after it, and gives
     the later rows their candidates from the block (a column of the product). Selecting them, not the product,
-    bounded the search (a row-wise and a column-wise top-k over every score), so once a row's list is full, each
-    score is only compared with the k'-th score so far of its row and of its column (in numpy: see
-    :func:`_above`): the few above go to that row's list, the rest is never touched again. Lists only improve, so
-    a score that could not enter then could not enter later either: the candidates are those of a top-k over
-    each whole row.
+    bounded the search (a row-wise and a column-wise top-k over every score), so each score is only compared with
+    the k'-th score so far of its row and of its column (in numpy, reading it once: see :func:`_above`): the few
+    above go to that row's list, the rest is never touched again. Lists only improve, so a score that could not enter then could not enter later either: the candidates
+    are those of a top-k over each whole row.
     """
     dev = resolve_device(device)
     x = torch.as_tensor(features, dtype=torch.float32).to(dev)
     n = len(x)
     _check_search(precision, k, n - 1)
     x_search = x.to(torch.bfloat16) if precision == "bfloat16" else x
-    db_max_norm = x.norm(dim=1).max()
+    rounding = _Rounding(x, x_search)
     n_cand = _n_candidates(k, precision, n - 1)
     best_val = torch.full((n, n_cand), -torch.inf, device=dev)
     best_idx = torch.full((n, n_cand), -1, dtype=torch.int64, device=dev)
-    block, width = _tile(n)
-    buffer = torch.empty(block * width, dtype=x_search.dtype, device=dev)
-    for start in range(0, n, block):
-        stop = min(start + block, n)
+    size = _tile_size(n, x_search.element_size())
+    buffer = torch.empty(size, dtype=x_search.dtype, device=dev)
+    for start, stop, tiles in _blocks(n, x_search.element_size()):
         kth = best_val[:, -1].clone()  # the lists as they were before this block: merged once, at its end
         found = []
-        for col in range(start, n, width):
-            end = min(col + width, n)
+        for col, end in tiles:
             sims = _similarities(x[start:stop], x_search[col:end], buffer)
             own = max(0, min(stop, end) - col)  # columns that are also rows of this block
             same = torch.arange(max(col, start), max(col, min(stop, end)), device=dev)  # both row and column here
@@ -271,7 +343,7 @@ def top_k_all_pairs(
     for start in range(0, n, _chunk_rows(n)):
         rows = torch.arange(start, min(start + _chunk_rows(n), n), device=dev)
         out_idx[start:start + len(rows)], out_val[start:start + len(rows)] = _finish(
-            x[rows], x, best_val[rows], best_idx[rows], k, precision, db_max_norm, rows)
+            x[rows], x, best_val[rows], best_idx[rows], k, rounding, rows)
     return out_idx, out_val
 
 

@@ -70,13 +70,12 @@ def synthetic_names(real: dict[str, str], n: int) -> dict[str, str]:
 
 def _products_alone(x: torch.Tensor, x_search: torch.Tensor) -> None:
     """The all-pairs search's products and nothing else: the same tiles into the same kind of buffer."""
-    from bannermatch.search import _similarities, _tile
+    from bannermatch.search import _blocks, _similarities, _tile_size
 
-    block, width = _tile(len(x))
-    buffer = torch.empty(block * width, dtype=x_search.dtype)
-    for start in range(0, len(x), block):
-        for col in range(start, len(x), width):
-            _similarities(x[start:start + block], x_search[col:col + width], buffer)
+    buffer = torch.empty(_tile_size(len(x), x_search.element_size()), dtype=x_search.dtype)
+    for start, stop, tiles in _blocks(len(x), x_search.element_size()):
+        for col, end in tiles:
+            _similarities(x[start:stop], x_search[col:end], buffer)
 
 
 def bench_search_scaling(x: np.ndarray, k: int, repeats: int, fp32: bool) -> tuple[list[dict], dict]:

@@ -242,3 +242,19 @@ def test_an_image_query_is_decoded_like_a_stored_banner(banner_dir, tiny_weights
     from_file, from_pil = query(fs, [str(tmp_path / "query.png"), Image.open(tmp_path / "query.png")], k=5,
                                 weights=tiny_weights)
     assert from_pil.matches == from_file.matches
+
+
+@pytest.mark.parametrize("all_pairs", [True, False])
+def test_bf16_search_equals_fp32_search_where_scores_are_closer_than_bf16_steps(all_pairs):
+    """Series of near-copies (cosine 0.95-0.98): their scores differ by less than bf16's step there (1/256), so bf16
+    alone ranks them by rounding. Rows the rounding bound cannot decide are settled in fp32: the lists are those of
+    the fp32 search, index for index (which matches float64 brute force up to fp32's own near-ties)."""
+    x = _clustered(3000, 128, 7)
+    x = x[np.repeat(np.arange(60), 50)] + 0.02 * np.random.default_rng(8).standard_normal((3000, 128)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    search = search_mod.top_k_all_pairs if all_pairs else lambda x, k, **kw: top_k(x, x, k, np.arange(len(x)), **kw)
+    exact, exact_scores = search(x, 10, precision="float32")
+    idx, scores = search(x, 10, precision="bfloat16")
+    np.testing.assert_array_equal(idx, exact)
+    np.testing.assert_array_equal(scores, exact_scores)
+    assert np.mean(exact == _reference_top_k(x, 10)) > 0.999
