@@ -6,7 +6,9 @@ are broken by index (lower first): results are the same on every run, whatever t
 
 from __future__ import annotations
 
+import functools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -39,7 +41,8 @@ def _blocks(n: int, itemsize: int):
     unless ``_TILE`` sets fixed tiles."""
     start = 0
     while start < n:
-        block, width = _TILE or (max(1, _CHUNK_BYTES // (itemsize * (n - start))), n - start)
+        rows = _CHUNK_BYTES // (itemsize * (n - start))
+        block, width = _TILE or (max(1, rows // _GROUP * _GROUP if rows > _GROUP else rows), n - start)
         stop = min(start + block, n)
         yield start, stop, [(col, min(col + width, n)) for col in range(start, n, width)]
         start = stop
@@ -84,11 +87,19 @@ def _n_candidates(k: int, precision: str, n: int) -> int:
     return min(k + (_RESCORE_EXTRA if precision == "bfloat16" else _TIE_EXTRA), n)
 
 
-def _exact_scores(q: torch.Tensor, db: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """fp32 dot products of each row ``q[i]`` with its candidates ``db[idx[i]]``, one candidate column at a time
-    (memory: one [n, d] block), each summed in the same order: identical banners score identically wherever they
-    sit, which a matrix product does not promise (it rounds by position), so duplicates tie exactly."""
-    return torch.stack([(q * db[idx[:, j]]).sum(dim=1) for j in range(idx.shape[1])], dim=1)
+def _exact_scores(q: torch.Tensor, db: torch.Tensor, idx: torch.Tensor, needed: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """fp32 dot products of each row ``q[i]`` with its candidates ``db[idx[i]]`` (where ``needed``; -inf elsewhere),
+    one candidate column at a time (memory: one [n, d] block), each summed in the same order: identical banners
+    score identically wherever they sit, which a matrix product does not promise (it rounds by position), so
+    duplicates tie exactly."""
+    scores = torch.full(idx.shape, -torch.inf, device=q.device)
+    for j in range(idx.shape[1]):
+        if needed is None or bool(needed[:, j].all()):
+            scores[:, j] = (q * db[idx[:, j]]).sum(dim=1)
+        elif len(rows := torch.nonzero(needed[:, j]).flatten()):
+            scores[rows, j] = (q[rows] * db[idx[rows, j]]).sum(dim=1)
+    return scores
 
 
 class _Rounding:
@@ -124,15 +135,20 @@ def _finish(q, db, vals, idx, k, rounding: _Rounding, exclude=None) -> tuple[np.
     """The final k of each row's candidates, by exact score (descending), then index (ascending).
 
     ``vals`` are the product scores the candidates were chosen by; every other banner's product score is at most
-    their lowest. A row whose k-th exact score is not clear of that lowest score by the rounding bound, so that a
-    banner outside the candidates could still tie or beat it (duplicates, or scores closer than bf16's steps), is
-    settled on its whole row: the lists are those of fp32 brute force in either precision.
+    their lowest. Only candidates whose product score is within twice the rounding bound of the k-th best are
+    rescored: the k best products are exact within one bound of it, so the others cannot reach the top k. A row
+    whose k-th exact score is not clear of the lowest candidate's product score by the bound, so that a banner
+    outside the candidates could still tie or beat it (duplicates, or scores closer than bf16's steps), is settled
+    on its whole row: the lists are those of fp32 brute force in either precision.
     """
-    scores = _exact_scores(q, db, idx)
+    vals, order = torch.sort(vals.float(), dim=1, descending=True)
+    idx, bound = idx.gather(1, order), rounding.bound(q)
+    needed = vals >= (vals[:, k - 1] - 2 * bound)[:, None]  # a prefix of each row: few partial columns
+    scores = _exact_scores(q, db, idx, needed)
     if exclude is not None:
         scores[idx == exclude[:, None]] = -torch.inf
     scores, idx = _lexsort_topk(scores, idx, idx.shape[1])
-    unsure = torch.nonzero(scores[:, k - 1] <= vals.float().min(dim=1).values + rounding.bound(q)).flatten()
+    unsure = torch.nonzero(scores[:, k - 1] <= vals.min(dim=1).values + bound).flatten()
     if len(unsure):
         ex = exclude[unsure] if exclude is not None else None
         scores[unsure, :k], idx[unsure, :k] = _settle(q[unsure], db, scores[unsure], idx[unsure], k, rounding, ex)
@@ -152,7 +168,7 @@ def _settle(q, db, scores, candidates, k, rounding: _Rounding, exclude=None) -> 
         sims = _similarities(q[rows], db)
         r, c = torch.nonzero(sims >= (scores[rows, k - 1] - rounding.fp32_bound(q[rows]))[:, None], as_tuple=True)
         del sims
-        known = ((rows[:, None] - start) * n + candidates[rows]).flatten()
+        known = ((rows[:, None] - start) * n + candidates[rows])[scores[rows] > -torch.inf]  # rescored already
         new = r * n + c
         new = new[~torch.isin(new, known)]
         r, c = new // n, new % n
@@ -209,16 +225,17 @@ def top_k(
 
 
 def _merge(vals, idx, new_vals, new_idx) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best ``vals.shape[1]`` of two candidate lists per row."""
-    best, at = torch.topk(torch.cat([vals, new_vals.float()], 1), vals.shape[1], dim=1)
+    """The best ``vals.shape[1]`` of two candidate lists per row, in no particular order (sorting them cost 1.6x)."""
+    best, at = torch.topk(torch.cat([vals, new_vals.float()], 1), vals.shape[1], dim=1, sorted=False)
     return best, torch.cat([idx, new_idx], 1).gather(1, at)
 
 
 def _argsort(key: torch.Tensor) -> torch.Tensor:
-    """A stable argsort; on CPU through numpy, whose int64 sort ran twice as fast as torch's two sorts it replaces."""
+    """An argsort; on CPU through numpy, whose int64 sort (x86-simd-sort) ran 5x faster than torch's two stable sorts
+    it replaces. Which of two equal offers to a row is kept does not matter: ties are settled exactly later."""
     if key.device.type == "cpu":
-        return torch.from_numpy(np.argsort(key.numpy(), kind="stable"))
-    return torch.argsort(key, stable=True)
+        return torch.from_numpy(np.argsort(key.numpy()))
+    return torch.argsort(key)
 
 
 def _merge_pairs(best_val, best_idx, rows, cands, vals) -> None:
@@ -239,46 +256,74 @@ def _merge_pairs(best_val, best_idx, rows, cands, vals) -> None:
     counts = torch.diff(starts, append=starts.new_tensor([len(rows)]))
     group = torch.repeat_interleave(torch.arange(len(starts), device=dev), counts)
     slot = torch.arange(len(rows), device=dev) - starts[group]
-    keep = slot < best_val.shape[1]
+    keep = torch.nonzero(slot < best_val.shape[1]).flatten()
     width = min(int(counts.max()), best_val.shape[1])
     new_val = torch.full((len(starts), width), -torch.inf, device=dev)
     new_idx = torch.full((len(starts), width), -1, dtype=torch.int64, device=dev)
-    new_val[group[keep], slot[keep]] = vals[order[keep]].float()
-    new_idx[group[keep], slot[keep]] = cands[order[keep]]
+    at, offer = group[keep] * width + slot[keep], order[keep]
+    new_val.view(-1)[at], new_idx.view(-1)[at] = vals[offer].float(), cands[offer]
     touched = rows[starts]
     best_val[touched], best_idx[touched] = _merge(best_val[touched], best_idx[touched], new_val, new_idx)
 
 
 def _above(scores: torch.Tensor, kth_rows: torch.Tensor, kth_cols: torch.Tensor) -> tuple[tuple, tuple]:
-    """``(rows, columns)`` of the scores strictly above their row's threshold, and of those strictly above their
-    column's (finite thresholds).
+    """``(rows, columns, scores)`` of the scores strictly above their row's threshold, and of those strictly above
+    their column's (finite thresholds).
 
-    Reading the block is the cost (the scores are in memory, not in cache), so it is read once: the maximum of each
-    column over ``_GROUP`` rows at a time is compared with the lower of the group's lowest row threshold and the
-    column's, and only the few groups above are looked at score by score (two compares and two scans of a byte mask
-    took 3.5 times as long at N = 100,000). On CPU through numpy (torch's broadcast compare and nonzero took 5-8 ns
-    a score on 2 busy cores, numpy's 0.5-0.9); a bf16 score is read as its int16 bits, which order positive values
-    as their floats do."""
+    Reading the tile is the cost (it is in memory, not in cache), so it is read once: the maximum of each column
+    over ``_GROUP`` rows at a time is compared with the lower of the group's lowest row threshold and the column's,
+    and only the few groups above are looked at score by score. On CPU through numpy, a share of the rows on each
+    thread (numpy lets go of the GIL: 1.8x on 2 cores); torch's broadcast compare and nonzero took 5-8 ns a score,
+    numpy's 0.5-0.9. A bf16 score is read as its int16 bits, which order positive values as their floats do."""
     kth_rows, kth_cols = kth_rows.to(scores.dtype), kth_cols.to(scores.dtype)
     if scores.device.type != "cpu" or (scores.dtype == torch.bfloat16 and not bool((kth_rows > 0).all()
                                                                                    and (kth_cols > 0).all())):
-        return (torch.nonzero(scores > kth_rows[:, None], as_tuple=True),
-                torch.nonzero(scores > kth_cols[None, :], as_tuple=True))
-    if scores.dtype == torch.bfloat16:
+        found = []
+        for r, c in (torch.nonzero(scores > kth_rows[:, None], as_tuple=True),
+                     torch.nonzero(scores > kth_cols[None, :], as_tuple=True)):
+            found.append((r, c, scores[r, c]))
+        return tuple(found)
+    as_bits = scores.dtype == torch.bfloat16
+    if as_bits:
         scores, kth_rows, kth_cols = (t.view(torch.int16) for t in (scores, kth_rows, kth_cols))
     s, t_rows, t_cols = scores.numpy(), kth_rows.numpy(), kth_cols.numpy()
+    n_threads = max(1, torch.get_num_threads())
+    cuts = [len(s) * i // n_threads // _GROUP * _GROUP for i in range(n_threads)] + [len(s)]
+    parts = list(_threads(n_threads).map(lambda a, b: _above_rows(s[a:b], t_rows[a:b], t_cols), cuts, cuts[1:]))
+    found = []
+    for direction in (0, 1):
+        rows = np.concatenate([part[direction][0] + a for part, a in zip(parts, cuts)])
+        values = torch.from_numpy(np.concatenate([part[direction][2] for part in parts]))
+        found.append((torch.from_numpy(rows), torch.from_numpy(np.concatenate([part[direction][1] for part in parts])),
+                      values.view(torch.bfloat16) if as_bits else values))
+    return tuple(found)
+
+
+def _above_rows(s: np.ndarray, t_rows: np.ndarray, t_cols: np.ndarray) -> list[list]:
+    """:func:`_above` for some rows of a tile, in numpy: the groups' maxima first, then the few groups above, as
+    ``[hits, _GROUP]`` scores."""
     n_rows, width = s.shape
     grouped = n_rows // _GROUP * _GROUP
-    column_max = s[:grouped].reshape(-1, _GROUP, width).max(axis=1)
-    lowest = np.minimum(t_rows[:grouped].reshape(-1, _GROUP).min(axis=1)[:, None], t_cols[None, :])
-    group, col = np.divmod(np.flatnonzero(column_max > lowest), width)
-    rows = np.concatenate([(group[:, None] * _GROUP + np.arange(_GROUP)).ravel(),
-                           np.repeat(np.arange(grouped, n_rows), width)])  # the last rows, if not a whole group
-    cols = np.concatenate([np.repeat(col, _GROUP), np.tile(np.arange(width), n_rows - grouped)])
-    values = np.take(s, rows * width + cols)  # a whole tile: contiguous
-    by_row, by_col = values > t_rows[rows], values > t_cols[cols]
-    return ((torch.from_numpy(rows[by_row]), torch.from_numpy(cols[by_row])),
-            (torch.from_numpy(rows[by_col]), torch.from_numpy(cols[by_col])))
+    boxes = s[:grouped].reshape(-1, _GROUP, width)
+    row_thresholds = t_rows[:grouped].reshape(-1, _GROUP)
+    lowest = np.minimum(row_thresholds.min(axis=1)[:, None], t_cols[None, :])
+    group, col = np.divmod(np.flatnonzero(boxes.max(axis=1) > lowest), width)
+    values = boxes[group, :, col]
+    found = []
+    for above in (values > row_thresholds[group], values > t_cols[col][:, None]):
+        hit, lane = np.nonzero(above)
+        found.append([group[hit] * _GROUP + lane, col[hit], values[hit, lane]])
+    if grouped < n_rows:  # the last rows, if not a whole group, one score at a time
+        rest = s[grouped:]
+        for direction, thresholds in enumerate((t_rows[grouped:, None], t_cols[None, :])):
+            r, c = np.nonzero(rest > thresholds)
+            found[direction] = [np.concatenate(pair) for pair in zip(found[direction], (r + grouped, c, rest[r, c]))]
+    return found
+
+
+@functools.cache
+def _threads(n: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(n, thread_name_prefix="bannermatch-search")
 
 
 def _tile_candidates(sims, kth_rows, kth_cols, row0: int, col0: int, own: int, n_cand: int) -> list:
@@ -292,8 +337,8 @@ def _tile_candidates(sims, kth_rows, kth_cols, row0: int, col0: int, own: int, n
     kth_cols = kth_cols.clone()
     kth_cols[:own] = torch.inf  # the square: through the row direction only
     if not (torch.isinf(kth_rows).any() or torch.isinf(kth_cols[own:]).any()):
-        (r, c), (r2, c2) = _above(sims, kth_rows, kth_cols)
-        return [(r.to(dev) + row0, c.to(dev) + col0, sims[r, c]), (c2.to(dev) + col0, r2.to(dev) + row0, sims[r2, c2])]
+        (r, c, v), (r2, c2, v2) = _above(sims, kth_rows, kth_cols)
+        return [(r.to(dev) + row0, c.to(dev) + col0, v.to(dev)), (c2.to(dev) + col0, r2.to(dev) + row0, v2.to(dev))]
     found = []
     for scores, axis, first, other in ((sims, 0, row0, col0), (sims[:, own:], 1, col0 + own, row0)):
         if scores.numel():
@@ -329,7 +374,7 @@ def top_k_all_pairs(
     size = _tile_size(n, x_search.element_size())
     buffer = torch.empty(size, dtype=x_search.dtype, device=dev)
     for start, stop, tiles in _blocks(n, x_search.element_size()):
-        kth = best_val[:, -1].clone()  # the lists as they were before this block: merged once, at its end
+        kth = best_val.min(dim=1).values  # the lists as they were before this block: merged once, at its end
         found = []
         for col, end in tiles:
             sims = _similarities(x[start:stop], x_search[col:end], buffer)
@@ -337,13 +382,21 @@ def top_k_all_pairs(
             same = torch.arange(max(col, start), max(col, min(stop, end)), device=dev)  # both row and column here
             sims[same - start, same - col] = -torch.inf  # itself
             found += _tile_candidates(sims, kth[start:stop], kth[col:end], start, col, own, n_cand)
-        _merge_pairs(best_val, best_idx, *(torch.cat(part) for part in zip(*found)))
+        rows, cands, vals = (torch.cat(part) for part in zip(*found))
+        parts = max(1, torch.get_num_threads())  # rows split into ranges, merged side by side
+        part = rows * parts // n
+        list(_threads(parts).map(lambda p: _merge_pairs(best_val, best_idx, *(t[part == p] for t in (rows, cands, vals))),
+                                 range(parts)))
     out_idx = np.empty((n, k), np.int64)
     out_val = np.empty((n, k), np.float32)
-    for start in range(0, n, _chunk_rows(n)):
+
+    def finish(start: int) -> None:
         rows = torch.arange(start, min(start + _chunk_rows(n), n), device=dev)
         out_idx[start:start + len(rows)], out_val[start:start + len(rows)] = _finish(
             x[rows], x, best_val[rows], best_idx[rows], k, rounding, rows)
+
+    # chunks side by side: the candidates' gathers wait on memory, and torch lets go of the GIL
+    list(_threads(max(1, torch.get_num_threads())).map(finish, range(0, n, _chunk_rows(n))))
     return out_idx, out_val
 
 
