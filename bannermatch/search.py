@@ -266,11 +266,11 @@ def _above(scores: torch.Tensor, kth_rows: torch.Tensor, kth_cols: torch.Tensor)
     """``(rows, columns, scores)`` of the scores strictly above their row's threshold, and of those strictly above
     their column's (finite thresholds).
 
-    Reading the tile is the cost (it is in memory, not in cache), so it is read once: the maximum of each column
-    over ``_GROUP`` rows at a time is compared with the lower of the group's lowest row threshold and the column's,
-    and only the few groups above are looked at score by score. On CPU through numpy, a share of the rows on each
-    thread (numpy lets go of the GIL: 1.8x on 2 cores); torch's broadcast compare and nonzero took 5-8 ns a score,
-    numpy's 0.5-0.9. A bf16 score is read as its int16 bits, which order positive values as their floats do."""
+    Reading the tile is the cost (it is in memory, not in cache), so it is read once: each column's maximum over
+    ``_GROUP`` rows at a time (torch: 4x numpy's), compared with the lower of the group's lowest row threshold and
+    the column's; only the few groups above are looked at score by score, in numpy on every core (numpy lets go of
+    the GIL; torch's compare and nonzero took 5-8 ns a score, numpy's 0.5-0.9). A bf16 score is read as its int16
+    bits, which order positive values as their floats do."""
     kth_rows, kth_cols = kth_rows.to(scores.dtype), kth_cols.to(scores.dtype)
     if scores.device.type != "cpu" or (scores.dtype == torch.bfloat16 and not bool((kth_rows > 0).all()
                                                                                    and (kth_cols > 0).all())):
@@ -282,39 +282,38 @@ def _above(scores: torch.Tensor, kth_rows: torch.Tensor, kth_cols: torch.Tensor)
     as_bits = scores.dtype == torch.bfloat16
     if as_bits:
         scores, kth_rows, kth_cols = (t.view(torch.int16) for t in (scores, kth_rows, kth_cols))
+    n_rows, width = scores.shape
+    grouped = n_rows // _GROUP * _GROUP
+    maxima = scores[:grouped].view(-1, _GROUP, width).amax(dim=1).numpy()
     s, t_rows, t_cols = scores.numpy(), kth_rows.numpy(), kth_cols.numpy()
+    boxes, box_thresholds = s[:grouped].reshape(-1, _GROUP, width), t_rows[:grouped].reshape(-1, _GROUP)
+
+    def groups_above(first: int, last: int) -> list:
+        lowest = np.minimum(box_thresholds[first:last].min(axis=1)[:, None], t_cols[None, :])
+        group, col = np.divmod(np.flatnonzero(maxima[first:last] > lowest), width)
+        group += first
+        values = boxes[group, :, col]  # [hits, _GROUP]
+        found = []
+        for above in (values > box_thresholds[group], values > t_cols[col][:, None]):
+            hit, lane = np.divmod(np.flatnonzero(above), _GROUP)
+            found.append((group[hit] * _GROUP + lane, col[hit], values[hit, lane]))
+        return found
+
     n_threads = max(1, torch.get_num_threads())
-    cuts = [len(s) * i // n_threads // _GROUP * _GROUP for i in range(n_threads)] + [len(s)]
-    parts = list(_threads(n_threads).map(lambda a, b: _above_rows(s[a:b], t_rows[a:b], t_cols), cuts, cuts[1:]))
+    cuts = [len(boxes) * i // n_threads for i in range(n_threads + 1)]
+    parts = list(_threads(n_threads).map(groups_above, cuts, cuts[1:]))
+    if grouped < n_rows:  # the last rows, if not a whole group, one score at a time
+        rest, found = s[grouped:], []
+        for thresholds in (t_rows[grouped:, None], t_cols[None, :]):
+            r, c = np.nonzero(rest > thresholds)
+            found.append((r + grouped, c, rest[r, c]))
+        parts.append(found)
     found = []
     for direction in (0, 1):
-        rows = np.concatenate([part[direction][0] + a for part, a in zip(parts, cuts)])
-        values = torch.from_numpy(np.concatenate([part[direction][2] for part in parts]))
-        found.append((torch.from_numpy(rows), torch.from_numpy(np.concatenate([part[direction][1] for part in parts])),
-                      values.view(torch.bfloat16) if as_bits else values))
+        rows, cols, values = (np.concatenate([part[direction][i] for part in parts]) for i in range(3))
+        values = torch.from_numpy(values)
+        found.append((torch.from_numpy(rows), torch.from_numpy(cols), values.view(torch.bfloat16) if as_bits else values))
     return tuple(found)
-
-
-def _above_rows(s: np.ndarray, t_rows: np.ndarray, t_cols: np.ndarray) -> list[list]:
-    """:func:`_above` for some rows of a tile, in numpy: the groups' maxima first, then the few groups above, as
-    ``[hits, _GROUP]`` scores."""
-    n_rows, width = s.shape
-    grouped = n_rows // _GROUP * _GROUP
-    boxes = s[:grouped].reshape(-1, _GROUP, width)
-    row_thresholds = t_rows[:grouped].reshape(-1, _GROUP)
-    lowest = np.minimum(row_thresholds.min(axis=1)[:, None], t_cols[None, :])
-    group, col = np.divmod(np.flatnonzero(boxes.max(axis=1) > lowest), width)
-    values = boxes[group, :, col]
-    found = []
-    for above in (values > row_thresholds[group], values > t_cols[col][:, None]):
-        hit, lane = np.nonzero(above)
-        found.append([group[hit] * _GROUP + lane, col[hit], values[hit, lane]])
-    if grouped < n_rows:  # the last rows, if not a whole group, one score at a time
-        rest = s[grouped:]
-        for direction, thresholds in enumerate((t_rows[grouped:, None], t_cols[None, :])):
-            r, c = np.nonzero(rest > thresholds)
-            found[direction] = [np.concatenate(pair) for pair in zip(found[direction], (r + grouped, c, rest[r, c]))]
-    return found
 
 
 @functools.cache
