@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.run import _loadavg, _peak_rss_bytes, _reset_peak_rss, _rss_bytes, clustered_features, name_queries
+from benchmarks.run import (_loadavg, _peak_rss_bytes, _reset_peak_rss, _rss_bytes, clustered_features, name_queries,
+                            near_copy_features)
 
 SEGMENT_ROWS = 10_000
 
@@ -105,6 +106,17 @@ def bench_search_scaling(x: np.ndarray, k: int, repeats: int, fp32: bool) -> tup
     return rows, found
 
 
+def bench_near_copies(n: int, d: int, k: int) -> dict:
+    """The exact search where bf16 cannot rank (series of near-copies): bf16 against fp32, one run each."""
+    from bannermatch.search import top_k_all_pairs
+
+    x = near_copy_features(n, d)
+    (idx, _), bf16, mem = _timed(lambda: top_k_all_pairs(x, k, "cpu", "bfloat16"))
+    (exact, _), fp32, _ = _timed(lambda: top_k_all_pairs(x, k, "cpu", "float32"))
+    return {"stage": "exact search bfloat16, near-copies (cosine 0.98)", "seconds": bf16, "memory": mem,
+            "note": f"fp32 search {fp32:.1f} s; rows equal to fp32 index for index {np.mean((idx == exact).all(1)):.4f}"}
+
+
 def _searches_and_reports(fs, n: int, args, tmp: Path) -> list[dict]:
     """The exact and approximate searches, then what the reports do with the matches beyond them."""
     from bannermatch.gallery import write_gallery
@@ -116,7 +128,10 @@ def _searches_and_reports(fs, n: int, args, tmp: Path) -> list[dict]:
     exact = found.get("float32", found["bfloat16"])[0]
     if "float32" in found:
         same = np.mean([len(set(a) & set(b)) / args.k for a, b in zip(found["bfloat16"][0], exact)])
-        rows[-2]["note"] += f"; recall@{args.k} vs fp32 {same:.4f}"
+        rows[-2]["note"] += (f"; rows equal to fp32 index for index {np.mean((found['bfloat16'][0] == exact).all(1)):.4f}"
+                             f"; recall@{args.k} vs fp32 {same:.4f}")
+        if n == min(args.scaling_n):
+            rows.append(bench_near_copies(n, args.scaling_dim, args.k))
     (approx, _), seconds, mem = _timed(lambda: top_k_faiss(fs.features, fs.features, args.k, np.arange(n), True))
     recall = np.mean([len(set(a) & set(b)) / args.k for a, b in zip(approx, exact)])
     rows.append({"stage": "faiss HNSW build + query", "seconds": seconds, "memory": mem,

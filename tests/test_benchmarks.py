@@ -118,11 +118,15 @@ def test_scaling_part_measures_every_stage_through_the_library(capsys, steam_nam
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if re.match(r"\| [45]00 \|", line)]
     assert [(r[0], r[1]) for r in rows] == [("400", s) for s in (
         "store write (float16 segments)", "store open + load", "exact search bfloat16", "exact search float32",
-        "faiss HNSW build + query", "unique banners (from the matches)", "duplicates at cosine 0.9 (from the matches)",
+        "exact search bfloat16, near-copies (cosine 0.98)", "faiss HNSW build + query", "unique banners (from the matches)",
+        "duplicates at cosine 0.9 (from the matches)",
         "issues (measures cached)", "gallery of every banner (CDN links)", "explorer name search")] + [
         ("500", s) for s in ("store write (float16 segments)", "store open + load", "issues (measures cached)",
                              "explorer name search")]  # 500 > --scaling-search-max: no search, nor its reports
     notes = {r[1]: r[5] for r in rows if r[0] == "400"}
-    assert re.search(r"search at \d+% of their rate .*recall@5 vs fp32 (0\.9\d+|1\.0+)$", notes["exact search bfloat16"])
+    assert re.search(r"search at \d+% of their rate .*index for index 1\.0+; recall@5 vs fp32 1\.0+$",
+                     notes["exact search bfloat16"])
+    assert re.search(r"fp32 search [\d.]+ s; rows equal to fp32 index for index 1\.0+$",
+                     notes["exact search bfloat16, near-copies (cosine 0.98)"])
     assert re.search(r"recall@5 vs exact fp32 (0\.9\d+|1\.0+)$", notes["faiss HNSW build + query"])
     assert re.match(r"\d+ duplicate groups \((\d+) of identical pixels\)", notes["duplicates at cosine 0.9 (from the matches)"])
