@@ -442,3 +442,26 @@ def test_banners_the_measuring_pass_could_not_read_are_not_hash_twins():
     assert pixels.tolist() == ["p1", "p2", "", ""]
     assert [len(p) for p in hash_pairs(bits, by_hash, 8)] == [0, 0]
     assert [p.tolist() for p in hash_pairs(bits, np.ones(4, bool), 8)] != [[], []]  # what the mask prevents
+
+
+@pytest.mark.parametrize("max_distance", [0, 3, 8, 12])  # 12: past the slices' reach, every pair compared
+def test_hash_pairs_are_every_pair_within_the_distance(max_distance):
+    """Multi-index hashing finds exactly the pairs a comparison of every pair finds, each once, in order: planted
+    pairs at 0-12 bits apart (across the slice boundaries), hashes with few bits set (their slices collide), and
+    banners the mask leaves out."""
+    from bannermatch.reports.duplicates import hash_pairs
+
+    rng = np.random.default_rng(max_distance)
+    base = rng.integers(0, 2**63, 150, dtype=np.uint64) | (rng.integers(0, 2, 150, dtype=np.uint64) << np.uint64(63))
+    near = base.copy()
+    for i in range(150):
+        for bit in rng.choice(64, i % 13, replace=False):
+            near[i] ^= np.uint64(1) << np.uint64(bit)
+    sparse = np.array([1 << int(b) for b in rng.integers(0, 64, 40)], np.uint64)
+    bits = np.concatenate([base, near, sparse, np.zeros(3, np.uint64)])
+    linkable = rng.random(len(bits)) > 0.1
+    ref = [(i, j) for i in range(len(bits)) for j in range(i + 1, len(bits))
+           if linkable[i] and linkable[j] and bin(int(bits[i] ^ bits[j])).count("1") <= max_distance]
+    i, j = hash_pairs(bits, linkable, max_distance)
+    assert list(zip(i.tolist(), j.tolist())) == ref
+    assert len(ref) >= 10

@@ -86,18 +86,47 @@ def _popcount(x: np.ndarray) -> np.ndarray:
 
 
 def hash_pairs(bits: np.ndarray, linkable: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every pair (i < j) of ``linkable`` banners whose hashes are at most ``max_distance`` bits apart, a block of
-    rows at a time (blocks of about 2**25 XORs, 256 MiB of uint64, whatever the collection's size)."""
+    """Every pair (i < j) of ``linkable`` banners whose hashes are at most ``max_distance`` bits apart.
+
+    Two such hashes agree exactly on at least one of ``max_distance + 1`` disjoint slices of their 64 bits
+    (pigeonhole), so banners are compared only within the groups that share a slice's value (multi-index hashing):
+    at 8 bits, 9 slices of 7 bits, about 9 x N^2 / 256 comparisons instead of N^2 / 2 (100,000 random hashes: 8.7
+    -> 0.5 s). Past 9 bits the slices are too narrow to sort anything out and every pair is compared."""
     idx = np.flatnonzero(linkable)
     h = bits[idx]
-    rows = max(1, 2**25 // max(len(h), 1))
+    n_slices = max_distance + 1
+    if n_slices > 10:
+        i, j = _close_pairs(h, max_distance)
+        return idx[i], idx[j]
+    found = []
+    for bounds in np.array_split(np.arange(64), n_slices):
+        key = (h >> np.uint64(bounds[0])) & np.uint64((1 << len(bounds)) - 1)
+        order = np.argsort(key, kind="stable")
+        edges = np.flatnonzero(np.diff(key[order])) + 1
+        for group in np.split(order, edges):
+            if len(group) > 1:
+                i, j = _close_pairs(h[group], max_distance)
+                lo, hi = np.minimum(group[i], group[j]), np.maximum(group[i], group[j])
+                found.append(lo * len(h) + hi)
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    i, j = np.divmod(np.unique(np.concatenate(found)), len(h))  # a pair close on several slices: once
+    return idx[i], idx[j]
+
+
+def _close_pairs(h: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair (i < j) of the hashes ``h`` at most ``max_distance`` bits apart, all compared, a block of rows at
+    a time (about 2**25 XORs: 256 MiB of uint64, whatever the number of hashes)."""
+    n = len(h)
+    rows = max(1, 2**25 // max(n, 1))
     out_i, out_j = [], []
-    for start in range(0, len(h), rows):
-        block = _popcount(h[start:start + rows, None] ^ h[None, start:])  # the upper triangle's rows
-        a, b = np.nonzero(block <= max_distance)
-        keep = a < b
-        out_i.append(idx[start + a[keep]])
-        out_j.append(idx[start + b[keep]])
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        block = _popcount(h[start:stop, None] ^ h[None, start:])  # the upper triangle's rows
+        a, b = np.divmod(np.flatnonzero(block <= max_distance), n - start)
+        keep = a < b  # both count from start: the pair itself and the lower triangle are left out
+        out_i.append(start + a[keep])
+        out_j.append(start + b[keep])
     if not out_i:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate(out_i), np.concatenate(out_j)
