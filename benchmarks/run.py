@@ -268,8 +268,11 @@ def _tests_module(name: str):
 
 
 def photo_jpegs(size: tuple[int, int], n: int) -> list[bytes]:
-    """``n`` JPEGs (quality 90) of ``size`` cut from real photographs (their entropy, unlike flat drawings, is
-    what decoding costs): each photo at several crops and mirrored."""
+    """``n`` distinct JPEGs (quality 90) of ``size`` cut from real photographs (their entropy, unlike flat drawings,
+    is what decoding costs): each photo at ever other crops, mirrored every other round, and its index written in
+    the corner's first pixels, so no two files are the same. The store embeds a picture once whatever number of
+    files hold it: with the 100 distinct files of 240 this made before, end to end was credited 2.4x the
+    pictures it embedded."""
     import io
 
     from PIL import ImageOps
@@ -277,9 +280,12 @@ def photo_jpegs(size: tuple[int, int], n: int) -> list[bytes]:
     photos = _tests_module("real_photos").photos(longest=1024)
     out = []
     for i in range(n):
-        img = ImageOps.fit(photos[i % len(photos)], size, centering=((i // len(photos)) % 5 / 4, 0.5))
-        if (i // (5 * len(photos))) % 2:
+        round_ = i // len(photos)
+        img = ImageOps.fit(photos[i % len(photos)], size, centering=(round_ * 0.618 % 1, round_ * 0.382 % 1))
+        if round_ % 2:
             img = ImageOps.mirror(img)
+        for bit in range(n.bit_length()):  # the index, 8x8 blocks black or white: JPEG keeps them apart
+            img.paste((255, 255, 255) if i >> bit & 1 else (0, 0, 0), (8 * bit, 0, 8 * bit + 8, 8))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=90)
         out.append(buf.getvalue())

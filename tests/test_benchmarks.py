@@ -88,6 +88,16 @@ def test_gpu_part_runs_its_code_on_a_cpu(capsys, monkeypatch):
     assert "## Embedding throughput" not in out and "All-vs-all exact" not in out  # the other parts stay off
 
 
+def test_benchmark_photos_are_distinct_files():
+    """The store embeds a picture once, however many files hold it: repeated files would be counted as embedded."""
+    import hashlib
+
+    from benchmarks.run import photo_jpegs
+
+    blobs = photo_jpegs((300, 450), 64)
+    assert len({hashlib.sha256(b).digest() for b in blobs}) == 64
+
+
 def test_clustered_features_are_unit_vectors_with_close_neighbours():
     x = clustered_features(400, 32, seed=3)
     assert x.shape == (400, 32) and x.dtype == np.float32
