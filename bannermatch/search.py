@@ -20,13 +20,11 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("float32", "bfloat16")
 _CHUNK_BYTES = 256 << 20  # similarity block per step: bounds extra memory whatever N is
-_RESCORE_EXTRA = 16  # bf16 search keeps this many extra candidates, then rescores them in fp32
+_RESCORE_EXTRA = 16  # bf16 keeps this many extra candidates (8 left 11% of the rows to settle in fp32: no faster)
 # All-pairs product per step, rows x columns; None: as many rows as _CHUNK_BYTES allows against all the later ones
 # (tiles of 1,024 x 4,096, kept in cache, ran 1.4x slower on 2 busy cores: BENCHMARKS.md run 8)
 _TILE: tuple[int, int] | None = None
 _TIE_EXTRA = 4  # fp32 keeps a few extra, so ties of up to this many duplicates at the k-th place settle at once
-
-
 _FINISH_ROWS = 512  # rows rescored at a time: a candidate column of them stays in the cache
 _GROUP = 8  # the all-pairs search reads each score once, as part of a column's maximum over this many rows
 
