@@ -181,10 +181,13 @@ def load_backbone(recipe: Recipe, weights: str | Path | None = None, device=None
         )
     backbone = create_model(recipe.model, recipe.source, weights, dict(recipe.arch) or None)
     device = resolve_device(device)
-    # On CPU, at these batch sizes, plain attention ran 1.09x (ViT-B/16) to 1.39x (ViT-S/8) faster than PyTorch's
-    # fused kernel (BENCHMARKS.md); on a GPU the fused (flash) kernel is the fast one.
-    backbone.set_fused_attention(device.type != "cpu")
-    return backbone.to(device).in_precision(getattr(torch, resolve_dtype(dtype, device)))
+    working = getattr(torch, resolve_dtype(dtype, device))
+    # PyTorch's fused kernel: on a GPU the flash kernel; on CPU, with torch 2.11 (Colab's) and 2.14, it ran 1.02-1.6x
+    # faster than the plain softmax(QK^T)V in fp32, bf16 and on AVX2 kernels (BENCHMARKS.md run 11; plain was the
+    # faster one with the torch of runs 1-2). Not for fp16 on a CPU (asked for, never chosen: fp16 is for older
+    # GPUs): that kernel changed a copy's nearest banner on real weights, the plain products did not.
+    backbone.set_fused_attention(not (device.type == "cpu" and working == torch.float16))
+    return backbone.to(device).in_precision(working)
 
 
 def embed_components(images: Iterable[Image.Image], recipe: Recipe, backbone: Backbone,

@@ -192,14 +192,19 @@ def build_options(backbone, recipe, batch: int, tmp: Path, calibration: torch.Te
 
 
 def model_flops(backbone, recipe) -> float:
-    """Floating-point operations of one image's forward pass (matrix products counted as 2*M*N*K)."""
+    """Floating-point operations of one image's forward pass (matrix products counted as 2*M*N*K), counted through
+    the plain attention: the counter does not see the fused kernel's products on a CPU."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from benchmarks.run import _with_attention
     from bannermatch.extraction import compute_components
 
-    with FlopCounterMode(display=False) as counter:
-        compute_components(backbone, torch.zeros(1, 3, *recipe.input_size()), recipe)
-    return counter.get_total_flops()
+    def count() -> float:
+        with FlopCounterMode(display=False) as counter:
+            compute_components(backbone, torch.zeros(1, 3, *recipe.input_size()), recipe)
+        return counter.get_total_flops()
+
+    return _with_attention(backbone, False, count)
 
 
 def bench_cpu_options(args, tmp: Path) -> dict:

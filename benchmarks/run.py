@@ -202,7 +202,7 @@ def _with_attention(backbone, fused: bool, fn):
     saved = backbone.model.blocks[0].attn.fused_attn
     backbone.set_fused_attention(fused)
     try:
-        fn()
+        return fn()
     finally:
         backbone.set_fused_attention(saved)
 

@@ -198,15 +198,15 @@ def test_cpu_batch_size_follows_the_token_count():
     assert keep.tokens() == 21 * 14 + 1 and default_batch_size(keep, "cpu") == 13
 
 
-def test_plain_attention_on_cpu_computes_what_the_fused_kernel_does(tiny_weights):
+def test_fused_attention_on_cpu_computes_what_the_plain_softmax_does(tiny_weights):
     recipe = _recipe(tiny_weights)  # float32: exact agreement; bf16 would differ by its rounding
     backbone = load_backbone(recipe, tiny_weights, "cpu")
-    assert not any(block.attn.fused_attn for block in backbone.model.blocks)  # the faster one on CPU
+    assert all(block.attn.fused_attn for block in backbone.model.blocks)  # the faster one on CPU too (run 11)
     x = _batch(recipe, 4)
-    plain = compute_features(backbone, x, recipe)
-    backbone.set_fused_attention(True)
-    assert all(block.attn.fused_attn for block in backbone.model.blocks)
-    torch.testing.assert_close(compute_features(backbone, x, recipe), plain, atol=1e-5, rtol=1e-5)
+    fused = compute_features(backbone, x, recipe)
+    backbone.set_fused_attention(False)
+    assert not any(block.attn.fused_attn for block in backbone.model.blocks)
+    torch.testing.assert_close(compute_features(backbone, x, recipe), fused, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ published layouts

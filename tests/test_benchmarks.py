@@ -32,8 +32,8 @@ def test_benchmark_prints_embedding_and_search_tables(capsys):
         assert best > 0 and median > 0
     assert embedding[0].split("|")[5].strip() == "1.00x"
     dtype = resolve_dtype("auto", torch.device("cpu"))
-    assert pipelines[3] == f"model only ({dtype}, batch 3, plain attention)"  # the weights in the working precision
-    assert (f"model only ({dtype} autocast over float32 weights, batch 3, plain attention)" in pipelines) == (
+    assert pipelines[3] == f"model only ({dtype}, batch 3, fused attention)"  # the weights in the working precision
+    assert (f"model only ({dtype} autocast over float32 weights, batch 3, fused attention)" in pipelines) == (
         dtype != "float32")  # the way before, beside it
     summary = re.search(r"dino_vits16, ([\d.]+) GFLOP an image: end to end \(workers=0\) [\d.]+ img/s, [\d.]+x the "
                         r"original-style loop, \d+% of the model alone in the same precision \((\w+), [\d.]+ img/s\)\. "
