@@ -297,9 +297,8 @@ def _above(scores: torch.Tensor, kth_rows: torch.Tensor, kth_cols: torch.Tensor)
             found.append((group[hit] * _GROUP + lane, col[hit], values[hit, lane]))
         return found
 
-    n_threads = max(1, torch.get_num_threads())
-    cuts = [len(boxes) * i // n_threads for i in range(n_threads + 1)]
-    parts = list(_threads(n_threads).map(groups_above, cuts, cuts[1:]))
+    cuts = [len(boxes) * i // _cores() for i in range(_cores() + 1)]
+    parts = _side_by_side(groups_above, cuts, cuts[1:])
     if grouped < n_rows:  # the last rows, if not a whole group, one score at a time
         rest, found = s[grouped:], []
         for thresholds in (t_rows[grouped:, None], t_cols[None, :]):
@@ -312,6 +311,15 @@ def _above(scores: torch.Tensor, kth_rows: torch.Tensor, kth_cols: torch.Tensor)
         values = torch.from_numpy(values)
         found.append((torch.from_numpy(rows), torch.from_numpy(cols), values.view(torch.bfloat16) if as_bits else values))
     return tuple(found)
+
+
+def _cores() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _side_by_side(fn, *iterables) -> list:
+    """``fn`` over ``iterables`` on as many threads as torch uses (numpy and torch let go of the GIL)."""
+    return list(_threads(_cores()).map(fn, *iterables))
 
 
 @functools.cache
@@ -385,7 +393,7 @@ def top_k_all_pairs(
             x[rows], x, best_val[rows], best_idx[rows], k, rounding, rows)
 
     # chunks side by side: the candidates' gathers wait on memory, and torch lets go of the GIL
-    list(_threads(max(1, torch.get_num_threads())).map(finish, range(0, n, _FINISH_ROWS)))
+    _side_by_side(finish, range(0, n, _FINISH_ROWS))
     return out_idx, out_val
 
 
