@@ -360,8 +360,8 @@ def top_k_all_pairs(
     the later rows their candidates from the block (a column of the product). Selecting them, not the product,
     bounded the search (a row-wise and a column-wise top-k over every score), so each score is only compared with
     the k'-th score so far of its row and of its column (in numpy, reading it once: see :func:`_above`): the few
-    above go to that row's list, the rest is never touched again. Lists only improve, so a score that could not enter then could not enter later either: the candidates
-    are those of a top-k over each whole row.
+    above go to that row's list, the rest is never touched again. Lists only improve, so a score that could not
+    enter then could not enter later either: the candidates are those of a top-k over each whole row.
     """
     dev = resolve_device(device)
     x = torch.as_tensor(features, dtype=torch.float32).to(dev)

@@ -269,7 +269,7 @@ def _tests_module(name: str):
 
 def photo_jpegs(size: tuple[int, int], n: int) -> list[bytes]:
     """``n`` distinct JPEGs (quality 90) of ``size`` cut from real photographs (their entropy, unlike flat drawings,
-    is what decoding costs): each photo at ever other crops, mirrored every other round, and its index written in
+    is what decoding costs): each photo at a new crop each round, mirrored every other round, and its index written in
     the corner's first pixels, so no two files are the same. The store embeds a picture once whatever number of
     files hold it: with the 100 distinct files of 240 this made before, end to end was credited 2.4x the
     pictures it embedded."""
@@ -397,20 +397,13 @@ def print_decode(rows: list[dict]) -> None:
 
 # ------------------------------------------------------------------------------------------ search
 
-def clustered_features(n: int, d: int, seed: int = 0) -> np.ndarray:
-    """Unit vectors in clusters (as game series and genres cluster), so neighbours are meaningful and close."""
+def clustered_features(n: int, d: int, seed: int = 0, series: int = 20, spread: float = 0.6) -> np.ndarray:
+    """Unit vectors in clusters of about ``series`` (as game series and genres cluster), so neighbours are
+    meaningful and close; ``spread`` 0.15 with 50 to a series makes near-copies (cosine about 0.98, reskinned
+    games and asset flips), whose scores sit closer together than bf16's step there (1/256)."""
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((max(1, n // 20), d), dtype=np.float32)
-    x = centres[rng.integers(0, len(centres), n)] + 0.6 * rng.standard_normal((n, d), dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def near_copy_features(n: int, d: int, seed: int = 0) -> np.ndarray:
-    """Unit vectors in series of 50 near-copies (cosine about 0.98, as reskinned games and asset flips): their
-    scores are closer together than bf16's step there (1/256), so a bf16 search must settle most rows in fp32."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((max(1, n // 50), d), dtype=np.float32)
-    x = centres[rng.integers(0, len(centres), n)] + 0.15 * rng.standard_normal((n, d), dtype=np.float32)
+    centres = rng.standard_normal((max(1, n // series), d), dtype=np.float32)
+    x = centres[rng.integers(0, len(centres), n)] + spread * rng.standard_normal((n, d), dtype=np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 

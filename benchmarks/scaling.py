@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.run import (_loadavg, _peak_rss_bytes, _reset_peak_rss, _rss_bytes, clustered_features, name_queries,
-                            near_copy_features)
+from benchmarks.run import _loadavg, _peak_rss_bytes, _reset_peak_rss, _rss_bytes, clustered_features, name_queries
 
 SEGMENT_ROWS = 10_000
 
@@ -110,7 +109,7 @@ def bench_near_copies(n: int, d: int, k: int) -> dict:
     """The exact search where bf16 cannot rank (series of near-copies): bf16 against fp32, one run each."""
     from bannermatch.search import top_k_all_pairs
 
-    x = near_copy_features(n, d)
+    x = clustered_features(n, d, series=50, spread=0.15)
     (idx, _), bf16, mem = _timed(lambda: top_k_all_pairs(x, k, "cpu", "bfloat16"))
     (exact, _), fp32, _ = _timed(lambda: top_k_all_pairs(x, k, "cpu", "float32"))
     return {"stage": "exact search bfloat16, near-copies (cosine 0.98)", "seconds": bf16, "memory": mem,

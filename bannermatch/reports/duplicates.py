@@ -103,11 +103,10 @@ def hash_pairs(bits: np.ndarray, linkable: np.ndarray, max_distance: int) -> tup
         key = (h >> np.uint64(bounds[0])) & np.uint64((1 << len(bounds)) - 1)
         order = np.argsort(key, kind="stable")
         edges = np.flatnonzero(np.diff(key[order])) + 1
-        for group in np.split(order, edges):
+        for group in np.split(order, edges):  # a stable sort: each group's banners in order, so i < j holds
             if len(group) > 1:
                 i, j = _close_pairs(h[group], max_distance)
-                lo, hi = np.minimum(group[i], group[j]), np.maximum(group[i], group[j])
-                found.append(lo * len(h) + hi)
+                found.append(group[i] * len(h) + group[j])
     if not found:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     i, j = np.divmod(np.unique(np.concatenate(found)), len(h))  # a pair close on several slices: once
