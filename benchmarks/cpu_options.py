@@ -65,12 +65,12 @@ def evaluation_images(recipe) -> tuple[torch.Tensor, int]:
     """Real photos (originals first) then their edited copies (``tests/test_real_weights.py``'s edits, through
     JPEG quality 95 as that test stores them), preprocessed as extraction does; and the number of originals."""
     from benchmarks.run import _tests_module
-    from bannermatch.extraction import build_transform
+    from bannermatch.extraction import Preprocess
     from bannermatch.sources import decode_image
 
     originals = _tests_module("real_photos").photos()
     edits = _tests_module("test_real_weights")._edits
-    transform = build_transform(recipe)
+    transform = Preprocess(recipe)
     images = list(originals)
     for e in range(6):
         for img in originals:
@@ -87,9 +87,9 @@ def calibration_images(recipe, n: int) -> torch.Tensor:
     from PIL import Image
 
     from benchmarks.run import _draw_banner
-    from bannermatch.extraction import build_transform
+    from bannermatch.extraction import Preprocess
 
-    transform = build_transform(recipe)
+    transform = Preprocess(recipe)
     images = [Image.fromarray(np.asarray(getattr(skimage.data, name)())).convert("RGB") for name in CALIBRATION_SAMPLES]
     draw = _draw_banner()
     images += [draw(1000 + i) for i in range(max(0, n - len(images)))]

@@ -293,12 +293,13 @@ def photo_jpegs(size: tuple[int, int], n: int) -> list[bytes]:
 
 
 class _DecodeDataset(torch.utils.data.Dataset):
-    """Exactly extraction's per-image work: decode_image (with or without the size hint), then build_transform."""
+    """Exactly extraction's per-image work: decode_image (with or without the size hint), then the resize of
+    ``Preprocess`` (its normalising is done a batch at a time, beside the model)."""
 
     def __init__(self, blobs: list[bytes], recipe, hint: bool):
-        from bannermatch.extraction import build_transform, decode_size
+        from bannermatch.extraction import Preprocess, decode_size
 
-        self.blobs, self.transform = blobs, build_transform(recipe)
+        self.blobs, self.preprocess = blobs, Preprocess(recipe)
         self.min_size = decode_size(recipe) if hint else None
 
     def __len__(self):
@@ -307,7 +308,7 @@ class _DecodeDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from bannermatch.sources import decode_image
 
-        return self.transform(decode_image(self.blobs[i], self.min_size))
+        return self.preprocess.resize(decode_image(self.blobs[i], self.min_size))
 
 
 def decoder(dataset: _DecodeDataset, workers: int, batch_size: int):

@@ -13,10 +13,10 @@ from PIL import Image
 
 from bannermatch import BannermatchError, make_recipe
 from bannermatch import backbones as backbones_mod
-from bannermatch.backbones import create_model, list_models
+from bannermatch.backbones import IMAGENET_MEAN, IMAGENET_STD, create_model, list_models
 from bannermatch import extraction
 from bannermatch import recipe as recipe_mod
-from bannermatch.extraction import build_transform, compute_features, load_backbone
+from bannermatch.extraction import Preprocess, compute_features, load_backbone
 from bannermatch.recipe import default_batch_size
 
 from conftest import TINY_ARCH
@@ -30,7 +30,7 @@ def _recipe(tiny_weights, **kw):
 
 
 def _batch(recipe, n=3):
-    t = build_transform(recipe)
+    t = Preprocess(recipe)
     from conftest import draw_banner
 
     return torch.stack([t(draw_banner(100 + i)) for i in range(n)])
@@ -170,7 +170,31 @@ def test_multiscale_batch_of_one_equals_batch_of_eight(tiny_weights):
 def test_preprocessing_modes_keep_the_banner_shape(tiny_weights):
     img = Image.new("RGB", (300, 450))
     for mode, size in [("crop", (224, 224)), ("squash", (224, 224)), ("keep", (336, 224))]:
-        assert build_transform(_recipe(tiny_weights, preprocess=mode))(img).shape == (3, *size)
+        assert Preprocess(_recipe(tiny_weights, preprocess=mode))(img).shape == (3, *size)
+
+
+def test_preprocessing_equals_torchvision_compose_of_the_same_transforms(tiny_weights):
+    """Preprocess resizes per image and normalises per batch, skipping Compose's dispatch: the values must be
+    those of the Compose it replaced, for every mode, on a photo, on a tiny image and on one wider than 2:3 (keep
+    pads it)."""
+    from torchvision.transforms import v2 as T
+
+    from real_photos import photos
+
+    images = [photos(longest=600)[0], Image.new("RGB", (40, 30), (200, 10, 90)), photos(longest=500)[1].resize((500, 200))]
+    for mode in ("crop", "squash", "keep"):
+        recipe = _recipe(tiny_weights, preprocess=mode)
+        height, width = recipe.input_size()
+        resize = {"crop": [T.Resize(int(width / 0.875), T.InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(width)],
+                  "squash": [T.Resize((height, width), T.InterpolationMode.BICUBIC, antialias=True)],
+                  "keep": [T.Resize(width, T.InterpolationMode.BICUBIC, antialias=True), T.CenterCrop((height, width))]}
+        compose = T.Compose([T.PILToTensor(), *resize[mode], T.ToDtype(torch.float32, scale=True),
+                             T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        preprocess = Preprocess(recipe)
+        expected = torch.stack([compose(img) for img in images])
+        batch = preprocess.normalise(torch.stack([preprocess.resize(img) for img in images]))
+        assert batch.dtype == torch.float32 and torch.equal(batch, expected), mode
+        assert torch.equal(preprocess(images[0]), expected[0])
 
 
 def test_weights_identity_is_hashed_once_but_follows_a_changed_file(tmp_path, monkeypatch):

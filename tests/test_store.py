@@ -14,7 +14,7 @@ from PIL import Image
 
 from bannermatch import BannermatchError, extract_features, find_matches, load_features, make_recipe, query
 from bannermatch import extraction
-from bannermatch.extraction import build_transform, compute_features, load_backbone
+from bannermatch.extraction import Preprocess, compute_features, load_backbone
 from bannermatch.sources import Entry, ImageSource, Report, open_source
 from bannermatch.store import FeatureStore, content_digest, list_feature_sets
 
@@ -79,7 +79,7 @@ def test_one_forward_pass_serves_every_strategy(banner_dir, tiny_weights, tmp_pa
     simple = _embed(banner_dir, _recipe(tiny_weights), tmp_path, tiny_weights)
     assert sum(model_calls) == 20
     backbone = load_backbone(simple.recipe, tiny_weights, "cpu", "auto")  # the precision the pass was stored in
-    transform = build_transform(simple.recipe)
+    transform = Preprocess(simple.recipe)
     x = torch.stack([transform(Image.open(banner_dir / f"{key}.jpg").convert("RGB")) for key in simple.keys[:4]])
     for strategy in ("complex", "gem", "mean"):
         recipe = _recipe(tiny_weights, strategy=strategy)
