@@ -33,7 +33,8 @@ from .errors import BannermatchError
 from .pooling import COMPONENTS, pool_components, view
 from .recipe import (MULTISCALE, STORED_BLOCKS, Recipe, default_batch_size, resolve_device, resolve_dtype)
 from .snapshots import snapshot_in
-from .sources import ImageSource, SkipImage, Unreadable, decode_image, open_source, prepare_image
+from .sources import (ImageSource, SkipImage, Unreadable, decode_pixels, open_source, pil_to_tensor,
+                      prepare_image)
 from .store import DEFAULT_STORE, FeatureSet, FeatureStore, content_digest, listing_identity
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,9 @@ _KEEP_MIN_ASPECT = 1.25  # height / width below which `keep` pads the banner (2:
 # ------------------------------------------------------------------------------------------ preprocessing
 
 class Preprocess:
-    """A recipe's preprocessing, in two steps: :meth:`resize` (PIL image -> uint8 tensor ``[3, H, W]``, per image,
-    where decoding runs) and :meth:`normalise` (uint8 images -> float32, a whole batch at once, where the model
-    runs: a quarter of the bytes through the loader and to a GPU). Calling it does both for one image.
+    """A recipe's preprocessing, in two steps: :meth:`resize` (uint8 pixels ``[3, H, W]``, per image, where decoding
+    runs) and :meth:`normalise` (uint8 images -> float32, a whole batch at once, where the model
+    runs: a quarter of the bytes through the loader and to a GPU). Calling it does both for one PIL image.
 
     crop: short side to size/0.875 then centre-crop (DINO's evaluation, the original pipeline);
     squash: resize to a square, distorting the 2:3 banner; keep: the banner's own 2:3 shape, nothing lost.
@@ -62,8 +63,8 @@ class Preprocess:
                                 "keep": ([width], [height, width])}[recipe.preprocess]
         self.mean, self.std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (spec.mean, spec.std))
 
-    def resize(self, img: Image.Image) -> torch.Tensor:
-        x = TF.resize(TF.pil_to_tensor(img), self.size, interpolation=self.interpolation, antialias=True)
+    def resize(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = TF.resize(pixels, self.size, interpolation=self.interpolation, antialias=True)
         return x if self.crop is None else TF.center_crop(x, self.crop)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
@@ -71,7 +72,7 @@ class Preprocess:
         return images.to(torch.float32).mul_(1 / 255).sub_(mean).div_(std)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        return self.normalise(self.resize(img))
+        return self.normalise(self.resize(pil_to_tensor(img)))
 
 
 def decode_size(recipe: Recipe) -> tuple[int, int]:
@@ -86,8 +87,8 @@ def decode_size(recipe: Recipe) -> tuple[int, int]:
     return height, width
 
 
-def _padded_by_keep(img: Image.Image, recipe: Recipe) -> bool:
-    return recipe.preprocess == "keep" and img.height / img.width < _KEEP_MIN_ASPECT
+def _padded_by_keep(pixels: torch.Tensor, recipe: Recipe) -> bool:
+    return recipe.preprocess == "keep" and pixels.shape[-2] / pixels.shape[-1] < _KEEP_MIN_ASPECT
 
 
 # ------------------------------------------------------------------------------------------ the forward pass
@@ -217,7 +218,7 @@ def embed_components(images: Iterable[Image.Image], recipe: Recipe, backbone: Ba
     batch: list[torch.Tensor] = []
     for img in [*images, None]:
         if img is not None:
-            batch.append(preprocess.resize(prepare_image(img)))
+            batch.append(preprocess.resize(pil_to_tensor(prepare_image(img))))
         if batch and (img is None or len(batch) == batch_size):
             parts = compute_components(backbone, preprocess.normalise(torch.stack(batch).to(device)), recipe)
             for name in COMPONENTS:
@@ -279,8 +280,8 @@ class _Decoded(IterableDataset):
         if data is None:
             return i, digest, None, reason
         try:
-            img = decode_image(data, self.min_size)
-            return i, digest, self.preprocess.resize(img), "padded" if _padded_by_keep(img, self.recipe) else ""
+            pixels = decode_pixels(data, self.min_size)
+            return i, digest, self.preprocess.resize(pixels), "padded" if _padded_by_keep(pixels, self.recipe) else ""
         except SkipImage as exc:
             return i, digest, None, str(exc) or "unusable"
 

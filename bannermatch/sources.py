@@ -15,6 +15,8 @@ is used.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .errors import BannermatchError
@@ -132,27 +135,96 @@ def decode_image(data: bytes, min_size: tuple[int, int] | None = None) -> Image.
     never below ``min_size``, which decodes 600x900 originals about 2x faster (BENCHMARKS.md).
     Raises :class:`SkipImage` with a short reason for anything that is not a usable image.
     """
+    return prepare_image(_loaded(_opened(data, min_size)[0]))
+
+
+def decode_pixels(data: bytes, min_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """:func:`decode_image` as a uint8 tensor ``[3, H, W]``. A plain RGB JPEG decoded at full size (most banners)
+    goes through torchvision's decoder: libjpeg-turbo as in PIL, the same pixels (tested), in about half the time
+    (no PIL image in between). Anything else, or anything that decoder refuses, goes through PIL."""
+    img, full_size = _opened(data, min_size)
+    if full_size and img.format == "JPEG" and img.mode == "RGB" and _orientation(img) == 1:
+        fast = _jpeg_decoder()
+        if fast is not None:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")  # a warning (a damaged file) is settled by PIL, as before
+                    warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 warns every call
+                    return fast(data)
+            except (RuntimeError, Warning):
+                pass
+    return pil_to_tensor(prepare_image(_loaded(img)))
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB image as a uint8 tensor ``[3, H, W]``."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+@functools.cache
+def _jpeg_decoder():
+    """torchvision's JPEG decoder as ``bytes -> [3, H, W]``, or None where its image extension did not load."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            decode_jpeg(torch.frombuffer(bytearray(_TINY_JPEG), dtype=torch.uint8))
+    except Exception:  # a torchvision built without libjpeg fails in several ways; PIL decodes everything anyway
+        return None
+    return lambda data: decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def _tiny_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+_TINY_JPEG = _tiny_jpeg()
+
+
+def _orientation(img: Image.Image) -> int:
+    return img.getexif().get(ExifTags.Base.Orientation, 1)
+
+
+def _opened(data: bytes, min_size: tuple[int, int] | None) -> tuple[Image.Image, bool]:
+    """The image opened (its header read, nothing decoded), with the draft hint set; and whether it will be
+    decoded at full size."""
     if isinstance(data, Unreadable):
         raise SkipImage(data.reason)
     if not data:
         raise SkipImage("empty file")
+    with _decoding_errors():
+        img = Image.open(io.BytesIO(data))
+        size = img.size
+        if min_size is not None and img.format == "JPEG":
+            height, width = min_size
+            if _orientation(img) in (5, 6, 7, 8):  # stored rotated by 90 degrees
+                height, width = width, height
+            img.draft(img.mode, (width, height))  # no-op unless both sides stay at least this large
+    return img, img.size == size
+
+
+def _loaded(img: Image.Image) -> Image.Image:
+    with _decoding_errors():
+        img.load()
+    return img
+
+
+@contextlib.contextmanager
+def _decoding_errors():
+    """What PIL raises for a file that is not a usable image, as :class:`SkipImage` with a short reason."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            if min_size is not None and img.format == "JPEG":
-                height, width = min_size
-                if img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):  # stored rotated by 90 degrees
-                    height, width = width, height
-                img.draft(img.mode, (width, height))  # no-op unless both sides stay at least this large
-            img.load()
+            yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise SkipImage(f"too large ({exc.__class__.__name__})") from None
     except UnidentifiedImageError:
         raise SkipImage("not an image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise SkipImage(f"corrupt image ({exc})") from None
-    return prepare_image(img)
 
 
 def prepare_image(img: Image.Image) -> Image.Image:

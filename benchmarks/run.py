@@ -293,7 +293,7 @@ def photo_jpegs(size: tuple[int, int], n: int) -> list[bytes]:
 
 
 class _DecodeDataset(torch.utils.data.Dataset):
-    """Exactly extraction's per-image work: decode_image (with or without the size hint), then the resize of
+    """Exactly extraction's per-image work: decode_pixels (with or without the size hint), then the resize of
     ``Preprocess`` (its normalising is done a batch at a time, beside the model)."""
 
     def __init__(self, blobs: list[bytes], recipe, hint: bool):
@@ -306,9 +306,9 @@ class _DecodeDataset(torch.utils.data.Dataset):
         return len(self.blobs)
 
     def __getitem__(self, i):
-        from bannermatch.sources import decode_image
+        from bannermatch.sources import decode_pixels
 
-        return self.preprocess.resize(decode_image(self.blobs[i], self.min_size))
+        return self.preprocess.resize(decode_pixels(self.blobs[i], self.min_size))
 
 
 def decoder(dataset: _DecodeDataset, workers: int, batch_size: int):

@@ -18,6 +18,7 @@ from bannermatch import extraction
 from bannermatch import recipe as recipe_mod
 from bannermatch.extraction import Preprocess, compute_features, load_backbone
 from bannermatch.recipe import default_batch_size
+from bannermatch.sources import pil_to_tensor
 
 from conftest import TINY_ARCH
 
@@ -192,7 +193,7 @@ def test_preprocessing_equals_torchvision_compose_of_the_same_transforms(tiny_we
                              T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         preprocess = Preprocess(recipe)
         expected = torch.stack([compose(img) for img in images])
-        batch = preprocess.normalise(torch.stack([preprocess.resize(img) for img in images]))
+        batch = preprocess.normalise(torch.stack([preprocess.resize(pil_to_tensor(img)) for img in images]))
         assert batch.dtype == torch.float32 and torch.equal(batch, expected), mode
         assert torch.equal(preprocess(images[0]), expected[0])
 

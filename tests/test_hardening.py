@@ -15,10 +15,12 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from bannermatch import BannermatchError, extract_features, find_matches, load_features, make_recipe
-from bannermatch.sources import SkipImage, decode_image, open_source
+from bannermatch import sources
+from bannermatch.sources import SkipImage, decode_image, decode_pixels, open_source, pil_to_tensor
 
 from conftest import APPS, TINY_ARCH, draw_banner
 
@@ -88,6 +90,43 @@ def test_size_hint_decodes_large_jpegs_smaller_never_below_the_hint():
     rotated = _jpeg(large.transpose(Image.Transpose.ROTATE_90), exif=exif.tobytes())
     assert decode_image(rotated, min_size=(200, 400)).size == (600, 900)
     assert decode_image(rotated, min_size=(400, 200)).size == (300, 450)
+
+
+def test_decode_pixels_equals_decode_image_and_takes_the_fast_path_only_for_plain_jpegs(monkeypatch):
+    """Extraction decodes plain RGB JPEGs with torchvision's decoder: every kind of image must give the pixels of
+    decode_image, and only plain full-size JPEGs may take that path."""
+    from real_photos import photos
+
+    real = sources._jpeg_decoder()
+    assert real is not None  # torchvision's image extension loads here: the fast path is what is tested
+    fast_calls = []
+    def counted(data):  # counts the pixels the fast decoder returned, not its tries
+        pixels = real(data)
+        fast_calls.append(1)
+        return pixels
+
+    monkeypatch.setattr(sources, "_jpeg_decoder", lambda: counted)
+    photo, banner = photos(longest=450)[2], draw_banner(7)
+    rgba = banner.convert("RGBA")
+    rgba.putalpha(90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    plain = {"photo q90": _jpeg(photo, quality=90), "banner q75": _jpeg(banner, quality=75),
+             "4:4:4": _jpeg(photo, quality=95, subsampling=0), "progressive": _jpeg(photo, progressive=True),
+             "large, hint too big to draft": _jpeg(draw_banner(3, size=(600, 900)))}
+    other = {"png rgba": _png(rgba), "png palette": _png(banner.convert("P", palette=Image.Palette.ADAPTIVE)),
+             "cmyk jpeg": _jpeg(banner.convert("CMYK")), "gray jpeg": _jpeg(banner.convert("L")),
+             "rotated jpeg": _jpeg(banner.transpose(Image.Transpose.ROTATE_90), exif=exif.tobytes()),
+             "large, drafted": _jpeg(draw_banner(3, size=(900, 1350)))}
+    for name, data in {**plain, **other}.items():
+        before = len(fast_calls)
+        hint = {"large, hint too big to draft": (451, 300), "large, drafted": (256, 256)}.get(name)
+        pixels, expected = decode_pixels(data, hint), pil_to_tensor(decode_image(data, hint))
+        assert pixels.dtype == torch.uint8 and torch.equal(pixels, expected), name
+        assert len(fast_calls) - before == (name in plain), name
+    for data, reason in [(b"", "empty file"), (_jpeg(photo)[:900], "corrupt image"), (_jpeg(photo)[:-2], "corrupt image")]:
+        with pytest.raises(SkipImage, match=reason):  # the fast decoder refuses, PIL says why
+            decode_pixels(data)
 
 
 @pytest.mark.parametrize("data,reason", [

@@ -77,7 +77,7 @@ def test_large_jpegs_are_decoded_at_draft_scale_with_the_same_features(tmp_path,
     """600x900 originals are decoded at 300x450 in the DCT domain (crop needs a 256 px short side): features
     stay within cos 0.999 of those of the fully decoded images."""
     from bannermatch import extraction
-    from bannermatch.sources import decode_image
+    from bannermatch.sources import decode_image, decode_pixels
 
     weights, folder = tmp_path / "dinov2_vits14_pretrain.pth", tmp_path / "images"
     torch.save(dinov2_real_state, weights)
@@ -87,14 +87,14 @@ def test_large_jpegs_are_decoded_at_draft_scale_with_the_same_features(tmp_path,
     decoded = []
 
     def recorded(data, min_size=None):
-        decoded.append(decode_image(data, min_size))
+        decoded.append(decode_pixels(data, min_size))
         return decoded[-1]
 
-    monkeypatch.setattr(extraction, "decode_image", recorded)
+    monkeypatch.setattr(extraction, "decode_pixels", recorded)
     recipe = bannermatch.make_recipe("dinov2_vits14", weights=weights)
     feats = bannermatch.extract_features(folder, recipe, store=tmp_path / "store", weights=weights, device="cpu",
                                          progress=False, dtype="float32")
-    assert [img.size for img in decoded] == [(300, 450)] * len(photos())
+    assert [tuple(pixels.shape) for pixels in decoded] == [(3, 450, 300)] * len(photos())
     backbone = extraction.load_backbone(recipe, weights, "cpu")
     full = extraction.embed_images([decode_image((folder / f"{k}.jpg").read_bytes()) for k in feats.keys],
                                    recipe, backbone)

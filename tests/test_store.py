@@ -70,7 +70,7 @@ def test_extract_store_resume_and_cache(banner_dir, tiny_weights, tmp_path, monk
     np.testing.assert_array_equal(resumed.features, full.features)
 
     model_calls.clear()  # an identical recipe on the same images recomputes nothing, reads no image
-    monkeypatch.setattr(extraction, "decode_image", lambda data: pytest.fail("an unchanged banner was decoded"))
+    monkeypatch.setattr(extraction, "decode_pixels", lambda *a: pytest.fail("an unchanged banner was decoded"))
     again = _embed(banner_dir, recipe, tmp_path / "b", tiny_weights, chunk_size=6)
     assert model_calls == [] and again.keys == full.keys
 
