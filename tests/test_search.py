@@ -26,6 +26,24 @@ def _all_pairs_top_k(x, k, **kw):
     return top_k(x, x, k, exclude=np.arange(len(x)), **kw), search_mod.top_k_all_pairs(x, k, **kw)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(64, 800), (37, 53), (8, 8), (5, 9), (16, 3)])
+def test_selection_finds_exactly_the_scores_above_their_thresholds(shape, dtype):
+    """_above skips groups of 8 rows by their column maxima: every score strictly above its row's threshold, or
+    its column's, must be found, once, with its value, whatever the shape (part of a group at the edge), where
+    a group's lowest threshold is a row's and where it is a column's."""
+    import torch
+
+    rng = np.random.default_rng(sum(shape))
+    scores = torch.from_numpy(rng.uniform(0.05, 1, shape).astype(np.float32)).to(getattr(torch, dtype))
+    rows, cols = (torch.full((size,), 1.05) for size in shape)  # above every score
+    rows[::5], cols[::7] = 0.9, 0.06  # a few rows with a little above, columns with nearly everything
+    for (r, c, v), thresholds in zip(search_mod._above(scores, rows, cols), (rows[:, None], cols[None, :])):
+        expected = torch.nonzero(scores > thresholds.to(scores.dtype))
+        assert sorted(zip(r.tolist(), c.tolist())) == [tuple(e) for e in expected.tolist()]
+        assert torch.equal(v, scores[r, c])
+
+
 @pytest.mark.parametrize("tile", [(10, 23), (20, 7)])  # tiles that cut across the blocks; blocks taller than tiles
 @pytest.mark.parametrize("n,d,k", [(103, 16, 7), (64, 8, 1)])
 def test_search_equals_brute_force(n, d, k, tile, monkeypatch):
