@@ -31,8 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"vits16": "dino_vits16", "vitb16": "dino_vitb16", "vits8": "dino_vits8"}
 SEARCH_METHODS = ("ours fp32", "ours bf16", "faiss IndexFlatIP", "full N x N matrix")
-PARTS = ("embedding", "decode", "cpu-options", "gpu", "search", "names", "scaling")
-OPT_IN_PARTS = ("cpu-options", "gpu", "scaling")  # OpenVINO/NNCF and the real weights; a GPU; an hour: only with --only
+PARTS = ("embedding", "at-scale", "decode", "cpu-options", "gpu", "search", "names", "scaling")
+OPT_IN_PARTS = ("at-scale", "cpu-options", "gpu", "scaling")  # OpenVINO/NNCF and the real weights; a GPU; an hour: only with --only
 GEMM = 2048  # the square matrix product whose rate is the arithmetic ceiling the model is measured against
 DECODE_SETS = {  # (width, height): what each image source delivers
     "300x450 JPEG (Steam CDN banner)": (300, 450),
@@ -82,8 +82,9 @@ def random_checkpoint(model: str, folder: Path) -> Path:
     return path
 
 
-def original_pipeline(images: list[Path], model: str, weights: Path, out: Path) -> None:
-    """The original notebooks' way: PIL per image, Resize(256) + CenterCrop(224), fp32, batch size 1, eager attention."""
+def original_pipeline(images: list[Path], model: str, weights: Path, out: Path) -> float:
+    """The original notebooks' way: PIL per image, Resize(256) + CenterCrop(224), fp32, batch size 1, eager attention.
+    Returns the seconds of its loop over the images (the model loaded)."""
     from PIL import Image
     from torchvision import transforms as T1
 
@@ -97,11 +98,14 @@ def original_pipeline(images: list[Path], model: str, weights: Path, out: Path) 
     transform = T1.Compose([T1.Resize(256, interpolation=T1.InterpolationMode.BICUBIC), T1.CenterCrop(224),
                             T1.ToTensor(), T1.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     feats = []
+    start = time.perf_counter()
     with torch.inference_mode():
         for path in images:
             x = transform(Image.open(path).convert("RGB"))[None]
             feats.append(torch.nn.functional.normalize(backbone(x)[-1][0], dim=-1)[0].numpy())
+    seconds = time.perf_counter() - start
     np.save(out, np.stack(feats), allow_pickle=False)
+    return seconds
 
 
 def model_only(embed, recipe, batch_size: int, n: int, device="cpu") -> None:
@@ -258,6 +262,53 @@ def embedding_summary(r: dict) -> str:
     return " ".join(lines)
 
 
+def bench_at_scale(args, tmp: Path) -> dict:
+    """End to end on a catalogue-sized collection (``--at-scale-images`` distinct photo banners) with every library
+    default (precision, batch, decoding, and torch.compile decided by its break-even), one run, beside the
+    original-style loop on ``--baseline-images`` of them just before and just after it."""
+    import logging
+
+    from bannermatch.extraction import extract_features
+    from bannermatch.recipe import make_recipe
+
+    model = MODELS[args.models[0]]
+    weights = random_checkpoint(model, tmp)
+    recipe = make_recipe(model, weights=weights)
+    folder = tmp / "catalogue"
+    folder.mkdir()
+    for i, blob in enumerate(iter_photo_jpegs((300, 450), args.at_scale_images)):
+        (folder / f"{100000 + i}.jpg").write_bytes(blob)
+    baseline = sorted(folder.glob("*.jpg"))[:args.baseline_images]
+
+    def original() -> float:  # its loop alone: over a catalogue, loading the model once is nothing
+        return len(baseline) / original_pipeline(baseline, model, weights, tmp / "orig.npy")
+
+    said = []  # what the library logs: the compile decision, the time estimate
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: said.append(record.getMessage())
+    log = logging.getLogger("bannermatch.extraction")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    before = original()
+    print(f"  [at scale] original-style loop {before:.1f} img/s; embedding {args.at_scale_images:,} banners",
+          file=sys.stderr)
+    start = time.perf_counter()
+    extract_features(folder, recipe, tmp / "store", weights, "cpu", progress=False)
+    rate = args.at_scale_images / (time.perf_counter() - start)
+    after = original()
+    log.removeHandler(handler)
+    return {"model": model, "images": args.at_scale_images, "rate": rate, "original": [before, after],
+            "baseline": len(baseline), "said": [m for m in said if "compile" in m]}
+
+
+def print_at_scale(r: dict) -> None:
+    original = sum(r["original"]) / 2
+    print(f"\n## End to end at scale: {r['model']}, {r['images']:,} distinct photo banners, every default\n")
+    print(f"bannermatch extract_features: {r['rate']:.1f} img/s, **{r['rate'] / original:.2f}x** the original-style "
+          f"loop ({r['original'][0]:.1f} img/s before it, {r['original'][1]:.1f} after, its loop over {r['baseline']} of "
+          f"the banners, the model loaded). The library said: {' / '.join(r['said']) or 'nothing about compiling'}")
+
+
 # ------------------------------------------------------------------------------------------ decode ceiling
 
 def _tests_module(name: str):
@@ -268,17 +319,21 @@ def _tests_module(name: str):
 
 
 def photo_jpegs(size: tuple[int, int], n: int) -> list[bytes]:
+    """``n`` distinct JPEGs (quality 90) of ``size`` cut from real photographs (:func:`iter_photo_jpegs`)."""
+    return list(iter_photo_jpegs(size, n))
+
+
+def iter_photo_jpegs(size: tuple[int, int], n: int):
     """``n`` distinct JPEGs (quality 90) of ``size`` cut from real photographs (their entropy, unlike flat drawings,
-    is what decoding costs): each photo at a new crop each round, mirrored every other round, and its index written in
-    the corner's first pixels, so no two files are the same. The store embeds a picture once whatever number of
-    files hold it: with the 100 distinct files of 240 this made before, end to end was credited 2.4x the
-    pictures it embedded."""
+    is what decoding costs), one at a time: each photo at a new crop each round, mirrored every other round, and
+    its index written in the corner's first pixels, so no two files are the same. The store embeds a picture once
+    whatever number of files hold it: with the 100 distinct files of 240 this made before, end to end was credited
+    2.4x the pictures it embedded."""
     import io
 
     from PIL import ImageOps
 
     photos = _tests_module("real_photos").photos(longest=1024)
-    out = []
     for i in range(n):
         round_ = i // len(photos)
         img = ImageOps.fit(photos[i % len(photos)], size, centering=(round_ * 0.618 % 1, round_ * 0.382 % 1))
@@ -288,8 +343,7 @@ def photo_jpegs(size: tuple[int, int], n: int) -> list[bytes]:
             img.paste((255, 255, 255) if i >> bit & 1 else (0, 0, 0), (8 * bit, 0, 8 * bit + 8, 8))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
+        yield buf.getvalue()
 
 
 class _DecodeDataset(torch.utils.data.Dataset):
@@ -554,6 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=384, help="300x450 JPEG banners (cut from real photos) to embed (default 384)")
     p.add_argument("--baseline-images", type=int, default=64,
                    help="how many of them the slow original-style pipeline embeds (its rate is per image; default 64)")
+    p.add_argument("--at-scale-images", type=int, default=30_000,
+                   help="distinct banners embedded end to end with every default by --only at-scale (default 30000)")
     p.add_argument("--models", type=_csv(str), default=["vits16"], help="comma list of: vits16, vitb16, vits8 (default vits16)")
     p.add_argument("--batch-size", type=int, help="default: the library's (about 4,096 tokens on a CPU)")
     p.add_argument("--workers", type=_csv(int), default=[0, 2], help="DataLoader worker counts to compare (default 0,2)")
@@ -629,6 +685,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if not skip["embedding"]:
             print_embedding(bench_embedding(args, Path(tmp)))
+        if not skip["at-scale"]:
+            print_at_scale(bench_at_scale(args, Path(tmp)))
         if not skip["decode"]:
             print_decode(bench_decode(args, Path(tmp)))
         if not skip["cpu-options"]:
