@@ -98,6 +98,23 @@ def test_benchmark_photos_are_distinct_files():
     assert len({hashlib.sha256(b).digest() for b in blobs}) == 64
 
 
+def test_at_scale_part_embeds_every_banner_with_the_library_defaults(capsys):
+    """--only at-scale: extract_features on distinct photo banners with every default, the original loop's rate
+    beside it, and the library's compile decision quoted (too few banners here: not compiling)."""
+    from bannermatch.extraction import COMPILE_GAINS
+
+    main(["--only", "at-scale", "--at-scale-images", "64", "--baseline-images", "3"])
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("bannermatch extract_features:"))
+    rate, ratio = float(line.split()[2]), float(line.split("**")[1].rstrip("x"))
+    assert rate > 0 and ratio > 0 and "64 distinct photo banners, every default" in out
+    said = line.split("The library said: ")[1]
+    if ("cpu", resolve_dtype("auto", torch.device("cpu"))) in COMPILE_GAINS:  # decided after 3 batches of 20
+        assert said.startswith("torch.compile pays from about") and said.endswith(" 4 left: not compiling")
+    else:
+        assert said == "nothing about compiling"
+
+
 def test_clustered_features_are_unit_vectors_with_close_neighbours():
     x = clustered_features(400, 32, seed=3)
     assert x.shape == (400, 32) and x.dtype == np.float32
