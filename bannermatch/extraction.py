@@ -77,7 +77,7 @@ class Preprocess:
 
 def decode_size(recipe: Recipe) -> tuple[int, int]:
     """(height, width) that :class:`Preprocess` needs before it resizes: the ``min_size`` hint of
-    :func:`~bannermatch.sources.decode_image`, so large JPEGs are decoded straight at a smaller scale."""
+    :func:`~bannermatch.sources.decode_pixels`, so large JPEGs are decoded straight at a smaller scale."""
     height, width = recipe.input_size()
     if recipe.preprocess == "crop":  # the short side is resized to width/0.875, then cropped
         side = int(width / 0.875)
