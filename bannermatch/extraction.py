@@ -68,6 +68,8 @@ class Preprocess:
         return x if self.crop is None else TF.center_crop(x, self.crop)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:  # what resize gives; a float tensor would be changed in place below
+            raise TypeError(f"normalise takes uint8 images, not {images.dtype}")
         mean, std = self.mean.to(images.device), self.std.to(images.device)
         return images.to(torch.float32).mul_(1 / 255).sub_(mean).div_(std)
 
@@ -240,7 +242,7 @@ def embed_images(images: Iterable[Image.Image], recipe: Recipe, backbone: Backbo
 
 class _Decoded(IterableDataset):
     """Reads the wanted images, hashes their bytes, and decodes and resizes those whose digest is not stored yet;
-    each DataLoader worker takes every W-th one. Yields ``(index, digest, uint8 tensor | None, skip reason)``."""
+    each DataLoader worker takes every W-th one. Yields what :meth:`_prepared` gives."""
 
     def __init__(self, source: ImageSource, todo: list[int], stored: set[str], recipe: Recipe):
         self.source, self.todo, self.stored, self.recipe = source, todo, stored, recipe
@@ -277,39 +279,46 @@ class _Decoded(IterableDataset):
             yield i, digest, data, ""
 
     def _prepared(self, i: int, digest: str | None, data: bytes | None, reason: str):
+        """``(index, digest, uint8 tensor | None, skip reason, seconds it took on its thread)``."""
         if data is None:
-            return i, digest, None, reason
+            return i, digest, None, reason, 0.0
+        start = time.perf_counter()
         try:
             pixels = decode_pixels(data, self.min_size)
-            return i, digest, self.preprocess.resize(pixels), "padded" if _padded_by_keep(pixels, self.recipe) else ""
+            resized = self.preprocess.resize(pixels)
+            return i, digest, resized, "padded" if _padded_by_keep(pixels, self.recipe) else "", time.perf_counter() - start
         except SkipImage as exc:
-            return i, digest, None, str(exc) or "unusable"
+            return i, digest, None, str(exc) or "unusable", time.perf_counter() - start
 
 
 def _collate(samples):
-    embed = [(i, d, x) for i, d, x, _ in samples if x is not None]
+    embed = [(i, d, x) for i, d, x, _, _ in samples if x is not None]
     return {"indices": [i for i, _, _ in embed], "digests": [d for _, d, _ in embed],
             "images": torch.stack([x for _, _, x in embed]) if embed else None,
-            "settled": [(i, d) for i, d, x, r in samples if x is None and not r],
-            "skipped": [(i, d, r) for i, d, x, r in samples if x is None and r],
-            "padded": sum(r == "padded" for _, _, x, r in samples if x is not None)}
+            "settled": [(i, d) for i, d, x, r, _ in samples if x is None and not r],
+            "skipped": [(i, d, r) for i, d, x, r, _ in samples if x is None and r],
+            "padded": sum(r == "padded" for _, _, x, r, _ in samples if x is not None),
+            "decoding_s": sum(seconds for *_, seconds in samples)}
 
 
 class _Pace:
-    """Seconds per image spent decoding (in this process) and in the model over the first batches: how many
-    decoding processes keep the model fed."""
+    """Seconds per image spent decoding (in this process, on its threads) and in the model over the first
+    batches: how many decoding processes keep the model fed."""
 
     WARMUP = 1  # the model's first call pays for its set-up
     MEASURED = 2  # model batches timed after it
     INLINE_SHARE = 0.1  # decoding in this process while it costs at most this share of the model's time
 
     def __init__(self):
-        self.decode_s = self.model_s = 0.0
+        self.decode_s = self.one_lane_s = self.model_s = 0.0
         self.decoded_n = self.modelled_n = self.model_batches = 0
 
-    def decoded(self, n: int, seconds: float) -> None:
+    def decoded(self, n: int, seconds: float, one_lane_seconds: float) -> None:
+        """``n`` images took ``seconds`` here (on every core) and ``one_lane_seconds`` summed over their threads
+        (what a decoding process, which has one, would take)."""
         if n:
-            self.decode_s, self.decoded_n = self.decode_s + seconds, self.decoded_n + n
+            self.decode_s, self.one_lane_s, self.decoded_n = (self.decode_s + seconds, self.one_lane_s + one_lane_seconds,
+                                                              self.decoded_n + n)
 
     def modelled(self, n: int, seconds: float) -> None:
         self.model_batches += 1
@@ -325,10 +334,12 @@ class _Pace:
         return self.model_measured and self.decoded_n > 0
 
     def workers(self, cpus: int) -> int:
-        """0 (decoding inline) while decoding is cheap beside the model; else as many processes as decode at the
-        model's rate, at most one per core."""
-        ratio = (self.decode_s / self.decoded_n) / max(self.model_s / self.modelled_n, 1e-9)
-        return 0 if ratio <= self.INLINE_SHARE else min(cpus, math.ceil(ratio))
+        """0 (decoding inline) while decoding here is cheap beside the model; else as many processes as decode at
+        the model's rate, at most one per core."""
+        model = max(self.model_s / self.modelled_n, 1e-9)
+        if (self.decode_s / self.decoded_n) / model <= self.INLINE_SHARE:
+            return 0
+        return min(cpus, math.ceil((self.one_lane_s / self.decoded_n) / model))
 
 
 def _usable_cpus() -> int:
@@ -354,7 +365,7 @@ def _decoded_batches(source: ImageSource, todo: list[int], stored: set[str], rec
         batch = next(batches, None)
         if batch is None:
             return
-        pace.decoded(len(batch["indices"]), time.perf_counter() - start)
+        pace.decoded(len(batch["indices"]), time.perf_counter() - start, batch["decoding_s"])
         done.update(batch["indices"], (i for i, _ in batch["settled"]), (i for i, _, _ in batch["skipped"]))
         seen.update(batch["digests"], (d for _, d in batch["settled"]))
         yield batch

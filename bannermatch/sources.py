@@ -25,6 +25,7 @@ import lzma
 import os
 import re
 import tarfile
+import threading
 import warnings
 import zipfile
 import zlib
@@ -146,11 +147,8 @@ def decode_pixels(data: bytes, min_size: tuple[int, int] | None = None) -> torch
     if full_size and img.format == "JPEG" and img.mode == "RGB" and _orientation(img) == 1:
         fast = _jpeg_decoder()
         if fast is not None:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error")  # a warning (a damaged file) is settled by PIL, as before
-                    warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 warns every call
-                    return fast(data)
+            try:  # a damaged file is a RuntimeError there; a warning only if the user's filters make one an error
+                return fast(data)
             except (RuntimeError, Warning):
                 pass
     return pil_to_tensor(prepare_image(_loaded(img)))
@@ -167,9 +165,7 @@ def _jpeg_decoder():
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            decode_jpeg(torch.frombuffer(bytearray(_TINY_JPEG), dtype=torch.uint8))
+        decode_jpeg(torch.frombuffer(bytearray(_TINY_JPEG), dtype=torch.uint8))
     except Exception:  # a torchvision built without libjpeg fails in several ways; PIL decodes everything anyway
         return None
     return lambda data: decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
@@ -182,6 +178,7 @@ def _tiny_jpeg() -> bytes:
 
 
 _TINY_JPEG = _tiny_jpeg()
+_OPENING = threading.Lock()  # images are decoded on several threads; see _opened
 
 
 def _orientation(img: Image.Image) -> int:
@@ -196,7 +193,9 @@ def _opened(data: bytes, min_size: tuple[int, int] | None) -> tuple[Image.Image,
     if not data:
         raise SkipImage("empty file")
     with _decoding_errors():
-        img = Image.open(io.BytesIO(data))
+        with _OPENING, warnings.catch_warnings():  # warnings' filters are the process's: one thread at a time
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # the size is checked as it opens
+            img = Image.open(io.BytesIO(data))
         size = img.size
         if min_size is not None and img.format == "JPEG":
             height, width = min_size
@@ -216,9 +215,7 @@ def _loaded(img: Image.Image) -> Image.Image:
 def _decoding_errors():
     """What PIL raises for a file that is not a usable image, as :class:`SkipImage` with a short reason."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
+        yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise SkipImage(f"too large ({exc.__class__.__name__})") from None
     except UnidentifiedImageError:

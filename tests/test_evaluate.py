@@ -212,7 +212,8 @@ def test_compare_two_tiny_recipes_then_reuse_everything(banner_dir, tiny_weights
         table = list(csv.DictReader(fh))
     assert [row["slug"] for row in table] == [r.slug for r in recipes]
     assert float(table[0]["copy recall@5"]) == pytest.approx(first.rows[0]["copy recall@5"])
-    assert Image.open(paths["png"]).size[0] > 100
+    with Image.open(paths["png"]) as png:
+        assert png.size[0] > 100
     assert paths["md"].read_text() == markdown
 
     manifests = {r.slug: (store / r.slug / MANIFEST).stat().st_mtime_ns for r in recipes}

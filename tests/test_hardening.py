@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import warnings
 import zipfile
 
 import numpy as np
@@ -127,6 +128,46 @@ def test_decode_pixels_equals_decode_image_and_takes_the_fast_path_only_for_plai
     for data, reason in [(b"", "empty file"), (_jpeg(photo)[:900], "corrupt image"), (_jpeg(photo)[:-2], "corrupt image")]:
         with pytest.raises(SkipImage, match=reason):  # the fast decoder refuses, PIL says why
             decode_pixels(data)
+
+
+def test_decoding_on_threads_leaves_the_warning_filters_as_they_were(tmp_path, monkeypatch):
+    """Banners are decoded on several threads; warnings' filters belong to the process, and saving and restoring
+    them on threads that interleave once left an "error" filter behind (every later warning an exception, and a
+    harmless EXIF warning ended the run). Pillow warns for the bad EXIF tag of every 4th banner here."""
+    import struct
+
+    from bannermatch.extraction import _Decoded
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # the decoding threads: one a core
+    bad_tag = (b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1)
+               + struct.pack("<HHII", 0x010E, 2, 100, 1000) + struct.pack("<I", 0))
+    for i, app in enumerate(APPS):
+        draw_banner(i).save(tmp_path / f"{app}.jpg", quality=95, **({"exif": bad_tag} if i % 4 == 3 else {}))
+    source, recipe = open_source(tmp_path), make_recipe("dino_vits16", arch=TINY_ARCH)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the user's own setting, kept while banners are decoded
+        before = list(warnings.filters)
+        for _ in range(8):
+            decoded = list(_Decoded(source, list(range(len(source))), set(), recipe))
+            assert [reason for *_, reason, _ in decoded] == [""] * len(APPS)
+            assert warnings.filters == before
+
+
+def test_the_decoding_processes_are_counted_from_one_thread_s_decoding_time():
+    """Decoding here runs on every core, so its wall time is a fraction of what a decoding process (one thread)
+    takes: the count of processes must come from the time summed over the threads."""
+    from bannermatch.extraction import _Pace
+
+    pace = _Pace()
+    for _ in range(_Pace.WARMUP + _Pace.MEASURED):
+        pace.modelled(10, 0.1)  # 10 ms an image
+    pace.decoded(10, 0.1, 0.3)  # 10 ms an image here on 3 threads, 30 ms on one
+    assert pace.ready and pace.workers(cpus=8) == 3
+    pace = _Pace()
+    for _ in range(_Pace.WARMUP + _Pace.MEASURED):
+        pace.modelled(10, 1.0)
+    pace.decoded(10, 0.05, 0.15)  # cheap beside a 100 ms model: decoded inline
+    assert pace.workers(cpus=8) == 0
 
 
 @pytest.mark.parametrize("data,reason", [
