@@ -165,19 +165,14 @@ def _jpeg_decoder():
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        decode_jpeg(torch.frombuffer(bytearray(_TINY_JPEG), dtype=torch.uint8))
+        tiny = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(tiny, "JPEG")
+        decode_jpeg(torch.frombuffer(bytearray(tiny.getvalue()), dtype=torch.uint8))
     except Exception:  # a torchvision built without libjpeg fails in several ways; PIL decodes everything anyway
         return None
     return lambda data: decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
-def _tiny_jpeg() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-_TINY_JPEG = _tiny_jpeg()
 _OPENING = threading.Lock()  # images are decoded on several threads; see _opened
 
 
