@@ -287,16 +287,20 @@ def bench_at_scale(args, tmp: Path) -> dict:
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: said.append(record.getMessage())
     log = logging.getLogger("bannermatch.extraction")
+    level = log.level
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    before = original()
-    print(f"  [at scale] original-style loop {before:.1f} img/s; embedding {args.at_scale_images:,} banners",
-          file=sys.stderr)
-    start = time.perf_counter()
-    extract_features(folder, recipe, tmp / "store", weights, "cpu", progress=False)
-    rate = args.at_scale_images / (time.perf_counter() - start)
-    after = original()
-    log.removeHandler(handler)
+    try:
+        before = original()
+        print(f"  [at scale] original-style loop {before:.1f} img/s; embedding {args.at_scale_images:,} banners",
+              file=sys.stderr)
+        start = time.perf_counter()
+        extract_features(folder, recipe, tmp / "store", weights, "cpu", progress=False)
+        rate = args.at_scale_images / (time.perf_counter() - start)
+        after = original()
+    finally:  # the library's logging as it was
+        log.removeHandler(handler)
+        log.setLevel(level)
     return {"model": model, "images": args.at_scale_images, "rate": rate, "original": [before, after],
             "baseline": len(baseline), "said": [m for m in said if "compile" in m]}
 
