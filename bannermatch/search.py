@@ -27,6 +27,7 @@ _TILE: tuple[int, int] | None = None
 _TIE_EXTRA = 4  # fp32 keeps a few extra, so ties of up to this many duplicates at the k-th place settle at once
 _FINISH_ROWS = 512  # rows rescored at a time: a candidate column of them stays in the cache
 _GROUP = 8  # the all-pairs search reads each score once, as part of a column's maximum over this many rows
+_MANY_OFFERS = 8  # a row offered this many in one merge takes them in one top-k, not one by one
 
 
 def _chunk_rows(n: int) -> int:
@@ -234,35 +235,66 @@ def _argsort(key: torch.Tensor) -> torch.Tensor:
     return torch.argsort(key)
 
 
-def _merge_pairs(best_val, best_idx, rows, cands, vals) -> None:
+def _merge_pairs(best_val, best_idx, rows, cands, vals, grouped: bool = False) -> None:
     """Merge scattered candidates (``cands[e]`` scoring ``vals[e]`` for row ``rows[e]``) into the running lists,
-    in place. One sort by row, then score (descending, as an integer: the float's bits, negatives after positives)
-    puts each row's candidates together, best first; then, in rounds, each touched row's next best replaces the
-    lowest of its list if higher. Most rows are offered one or two (a full top-k over the list and a padded row of
-    offers cost 3x), and no row needs more rounds than its list holds."""
+    in place. Each row's offers are put together, best first (``grouped``: they are already), by one sort by row,
+    then score (descending, as an integer: the float's bits, negatives after positives). A row offered many takes
+    its best ones beside its list in one top-k; the others, in rounds, take their next best in place of the lowest
+    of their list if higher (most are offered one or two: a top-k over a padded row costs them 3x)."""
     if not len(rows):
         return
-    bits = vals.float().view(torch.int32).to(torch.int64)
-    falling = torch.where(bits < 0, bits + (1 << 32), bits ^ 0x7FFFFFFF)  # in [0, 2^32), grows as the score falls
-    order = _argsort(rows * (1 << 32) + falling)
-    rows = rows[order]
+    if not grouped:
+        bits = vals.float().view(torch.int32).to(torch.int64)
+        falling = torch.where(bits < 0, bits + (1 << 32), bits ^ 0x7FFFFFFF)  # in [0, 2^32), grows as the score falls
+        order = _argsort(rows * (1 << 32) + falling)
+        rows, cands, vals = rows[order], cands[order], vals[order]
     first = torch.ones(len(rows), dtype=torch.bool, device=rows.device)
     first[1:] = rows[1:] != rows[:-1]
     starts = torch.nonzero(first).flatten()
     counts = torch.diff(starts, append=starts.new_tensor([len(rows)]))
-    for j in range(min(int(counts.max()), best_val.shape[1])):
+    width = best_val.shape[1]
+    many = counts >= _MANY_OFFERS
+    if bool(many.any()):
+        lane = torch.arange(width, device=rows.device)
+        first_offer, n_offers = starts[many], counts[many]
+        valid = lane < n_offers[:, None]
+        at = torch.where(valid, first_offer[:, None] + lane, 0)
+        row = rows[first_offer]
+        both_val = torch.cat([best_val[row], torch.where(valid, vals[at].float(), -torch.inf)], dim=1)
+        both_idx = torch.cat([best_idx[row], torch.where(valid, cands[at], -1)], dim=1)
+        best_val[row], kept = torch.topk(both_val, width, dim=1)
+        best_idx[row] = both_idx.gather(1, kept)
+        starts, counts = starts[~many], counts[~many]
+    for j in range(int(counts.max()) if len(counts) else 0):
         at = starts[counts > j] + j
-        row, offer = rows[at], order[at]
+        row = rows[at]
         low, slot = best_val[row].min(dim=1)
-        score = vals[offer].float()
+        score = vals[at].float()
         better = torch.nonzero(score > low).flatten()
         row, slot = row[better], slot[better]
-        best_val[row, slot], best_idx[row, slot] = score[better], cands[offer[better]]
+        best_val[row, slot], best_idx[row, slot] = score[better], cands[at[better]]
 
 
-def _above(scores: torch.Tensor, kth_rows: torch.Tensor, kth_cols: torch.Tensor) -> tuple[tuple, tuple]:
-    """``(rows, columns, scores)`` of the scores strictly above their row's threshold, and of those strictly above
-    their column's (finite thresholds).
+def _best_offers(targets: np.ndarray, sources: np.ndarray, bits: np.ndarray, keep: int) -> tuple:
+    """Of offers ``(target, source, score)``, any order, each target's ``keep`` best, by target, best first: all a
+    list of ``keep`` could take from them (of equal scores, any: ties are settled exactly later). One sort of packed
+    keys (target, score falling, source); the scores are positive bf16 as int16 bits, which order as their floats."""
+    key = (targets.astype(np.int64) << 40) | ((0x7FFF - bits.astype(np.int64)) << 24) | sources
+    key.sort()
+    targets = key >> 40
+    first = np.ones(len(key), bool)
+    first[1:] = targets[1:] != targets[:-1]
+    at = np.arange(len(key))
+    key = key[at - np.maximum.accumulate(np.where(first, at, 0)) < keep]  # rank within its target
+    return key >> 40, key & 0xFFFFFF, (0x7FFF - ((key >> 24) & 0xFFFF)).astype(np.int16)
+
+
+def _above(scores: torch.Tensor, kth_rows: torch.Tensor, kth_cols: torch.Tensor, keep: int | None = None
+           ) -> tuple[list, list, bool]:
+    """The scores strictly above their row's threshold, and those strictly above their column's (finite
+    thresholds): ``(row_parts, column_parts, grouped)``, parts of ``(rows, columns, scores)``. With ``keep``, where
+    the scores are bf16 on CPU, each part holds only each row's (column's) ``keep`` best of them, by row (column),
+    best first (``grouped``): a list of ``keep`` takes nothing else, and the merge need not sort.
 
     Reading the tile is the cost (it is in memory, not in cache), so it is read once: each column's maximum over
     ``_GROUP`` rows at a time (torch: 4x numpy's), compared with the lower of the group's lowest row threshold and
@@ -275,16 +307,24 @@ def _above(scores: torch.Tensor, kth_rows: torch.Tensor, kth_cols: torch.Tensor)
         found = []
         for r, c in (torch.nonzero(scores > kth_rows[:, None], as_tuple=True),
                      torch.nonzero(scores > kth_cols[None, :], as_tuple=True)):
-            found.append((r, c, scores[r, c]))
-        return tuple(found)
+            found.append([(r, c, scores[r, c])])
+        return found[0], found[1], False
     as_bits = scores.dtype == torch.bfloat16
     if as_bits:
         scores, kth_rows, kth_cols = (t.view(torch.int16) for t in (scores, kth_rows, kth_cols))
     n_rows, width = scores.shape
+    keep = keep if as_bits and max(n_rows, width) < 1 << 23 else None  # the packed keys' room
     grouped = n_rows // _GROUP * _GROUP
     maxima = scores[:grouped].view(-1, _GROUP, width).amax(dim=1).numpy()
     s, t_rows, t_cols = scores.numpy(), kth_rows.numpy(), kth_cols.numpy()
     boxes, box_thresholds = s[:grouped].reshape(-1, _GROUP, width), t_rows[:grouped].reshape(-1, _GROUP)
+
+    def best(row_hits: tuple, col_hits: tuple) -> list:
+        if keep is None:
+            return [row_hits, col_hits]
+        rows, cols, values = _best_offers(*row_hits, keep)
+        found_cols, found_rows, col_values = _best_offers(col_hits[1], col_hits[0], col_hits[2], keep)
+        return [(rows, cols, values), (found_rows, found_cols, col_values)]
 
     def groups_above(first: int, last: int) -> list:
         lowest = np.minimum(box_thresholds[first:last].min(axis=1)[:, None], t_cols[None, :])
@@ -295,7 +335,7 @@ def _above(scores: torch.Tensor, kth_rows: torch.Tensor, kth_cols: torch.Tensor)
         for above in (values > box_thresholds[group], values > t_cols[col][:, None]):
             hit, lane = np.divmod(np.flatnonzero(above), _GROUP)
             found.append((group[hit] * _GROUP + lane, col[hit], values[hit, lane]))
-        return found
+        return best(*found)
 
     cuts = [len(boxes) * i // _cores() for i in range(_cores() + 1)]
     parts = _side_by_side(groups_above, cuts, cuts[1:])
@@ -304,13 +344,16 @@ def _above(scores: torch.Tensor, kth_rows: torch.Tensor, kth_cols: torch.Tensor)
         for thresholds in (t_rows[grouped:, None], t_cols[None, :]):
             r, c = np.nonzero(rest > thresholds)
             found.append((r + grouped, c, rest[r, c]))
-        parts.append(found)
-    found = []
-    for direction in (0, 1):
-        rows, cols, values = (np.concatenate([part[direction][i] for part in parts]) for i in range(3))
+        parts.append(best(*found))
+
+    def as_tensors(rows, cols, values) -> tuple:
         values = torch.from_numpy(values)
-        found.append((torch.from_numpy(rows), torch.from_numpy(cols), values.view(torch.bfloat16) if as_bits else values))
-    return tuple(found)
+        return torch.from_numpy(rows), torch.from_numpy(cols), values.view(torch.bfloat16) if as_bits else values
+
+    row_parts = [as_tensors(*(np.concatenate([part[0][i] for part in parts]) for i in range(3)))]  # by row still
+    if keep is None:
+        return row_parts, [as_tensors(*(np.concatenate([part[1][i] for part in parts]) for i in range(3)))], False
+    return row_parts, [as_tensors(*part[1]) for part in parts], True
 
 
 def _cores() -> int:
@@ -328,25 +371,27 @@ def _threads(n: int) -> ThreadPoolExecutor:
 
 
 def _tile_candidates(sims, kth_rows, kth_cols, row0: int, col0: int, own: int, n_cand: int) -> list:
-    """What a tile of products (rows ``row0:`` against columns ``col0:``) offers the running lists, as
-    ``(row, candidate, score)`` parts: to each row, its scores above the row's k'-th score so far; to each
-    column's own row, likewise, except for the first ``own`` columns (the tile's own rows: a pair in that square
-    reaches both rows through the row direction). Strictly above: a tie cannot enter a list it would not improve
-    (a full list of equal scores is settled exactly later), and a tile of identical banners offers nothing. While a
-    list is not yet full (its k'-th score is -inf), a top-k over the tile takes the threshold's place."""
+    """What a tile of products (rows ``row0:`` against columns ``col0:``) offers the running lists, as batches of
+    ``(row, candidate, score, grouped)`` for :func:`_merge_pairs`: to each row, its scores above the row's k'-th
+    score so far; to each column's own row, likewise, except for the first ``own`` columns (the tile's own rows: a
+    pair in that square reaches both rows through the row direction). Strictly above: a tie cannot enter a list it
+    would not improve (a full list of equal scores is settled exactly later), and a tile of identical banners offers
+    nothing. While a list is not yet full (its k'-th score is -inf), a top-k over the tile takes the threshold's
+    place."""
     dev = sims.device
     kth_cols = kth_cols.clone()
     kth_cols[:own] = torch.inf  # the square: through the row direction only
     if not (torch.isinf(kth_rows).any() or torch.isinf(kth_cols[own:]).any()):
-        (r, c, v), (r2, c2, v2) = _above(sims, kth_rows, kth_cols)
-        return [(r.to(dev) + row0, c.to(dev) + col0, v.to(dev)), (c2.to(dev) + col0, r2.to(dev) + row0, v2.to(dev))]
+        row_parts, col_parts, grouped = _above(sims, kth_rows, kth_cols, n_cand)
+        return ([(r.to(dev) + row0, c.to(dev) + col0, v.to(dev), grouped) for r, c, v in row_parts]
+                + [(c.to(dev) + col0, r.to(dev) + row0, v.to(dev), grouped) for r, c, v in col_parts])
     found = []
     for scores, axis, first, other in ((sims, 0, row0, col0), (sims[:, own:], 1, col0 + own, row0)):
-        if scores.numel():
+        if scores.numel():  # each row's (column's) best, best first: grouped
             vals, at = torch.topk(scores, min(n_cand, scores.shape[1 - axis]), dim=1 - axis)
-            mine = torch.arange(scores.shape[axis], device=dev)
-            mine = mine.expand_as(at) if axis else mine[:, None].expand_as(at)
-            found.append((mine.flatten() + first, at.flatten() + other, vals.flatten()))
+            vals, at = (vals.T, at.T) if axis else (vals, at)
+            mine = torch.arange(scores.shape[axis], device=dev)[:, None].expand_as(at)
+            found.append((mine.flatten() + first, at.flatten() + other, vals.flatten(), True))
     return found
 
 
@@ -376,14 +421,15 @@ def top_k_all_pairs(
     buffer = torch.empty(size, dtype=x_search.dtype, device=dev)
     for start, stop, tiles in _blocks(n, x_search.element_size()):
         kth = best_val.min(dim=1).values  # the lists as they were before this block: merged once, at its end
-        found = []
+        offers = []
         for col, end in tiles:
             sims = _similarities(x[start:stop], x_search[col:end], buffer)
             own = max(0, min(stop, end) - col)  # columns that are also rows of this block
             same = torch.arange(max(col, start), max(col, min(stop, end)), device=dev)  # both row and column here
             sims[same - start, same - col] = -torch.inf  # itself
-            found += _tile_candidates(sims, kth[start:stop], kth[col:end], start, col, own, n_cand)
-        _merge_pairs(best_val, best_idx, *(torch.cat(part) for part in zip(*found)))
+            offers += _tile_candidates(sims, kth[start:stop], kth[col:end], start, col, own, n_cand)
+        for rows, cands, vals, grouped in offers:
+            _merge_pairs(best_val, best_idx, rows, cands, vals, grouped)
     out_idx = np.empty((n, k), np.int64)
     out_val = np.empty((n, k), np.float32)
 

@@ -38,10 +38,48 @@ def test_selection_finds_exactly_the_scores_above_their_thresholds(shape, dtype)
     scores = torch.from_numpy(rng.uniform(0.05, 1, shape).astype(np.float32)).to(getattr(torch, dtype))
     rows, cols = (torch.full((size,), 1.05) for size in shape)  # above every score
     rows[::5], cols[::7] = 0.9, 0.06  # a few rows with a little above, columns with nearly everything
-    for (r, c, v), thresholds in zip(search_mod._above(scores, rows, cols), (rows[:, None], cols[None, :])):
+    row_parts, col_parts, grouped = search_mod._above(scores, rows, cols)
+    assert not grouped
+    for parts, thresholds in zip((row_parts, col_parts), (rows[:, None], cols[None, :])):
+        r, c, v = (torch.cat(found) for found in zip(*parts))
         expected = torch.nonzero(scores > thresholds.to(scores.dtype))
         assert sorted(zip(r.tolist(), c.tolist())) == [tuple(e) for e in expected.tolist()]
         assert torch.equal(v, scores[r, c])
+
+
+@pytest.mark.parametrize("shape", [(64, 800), (37, 53), (5, 9)])
+def test_selection_hands_each_row_and_column_only_its_best_in_order(shape):
+    """With ``keep`` (bf16 on CPU), _above hands each row only its ``keep`` best scores above its threshold, and
+    each column, from each part, its ``keep`` best above its own: by row (column), best first, so the merge need
+    not sort; a list of ``keep`` could take nothing else."""
+    import torch
+
+    keep = 3
+    rng = np.random.default_rng(sum(shape))
+    scores = torch.from_numpy(rng.uniform(0.05, 1, shape).astype(np.float32)).to(torch.bfloat16)
+    rows, cols = (torch.full((size,), 1.05) for size in shape)
+    rows[::5], cols[::7] = 0.5, 0.06  # rows with more than keep above, and columns with nearly everything
+    row_parts, col_parts, grouped = search_mod._above(scores, rows, cols, keep)
+    assert grouped
+    for parts, thresholds, axis in ((row_parts, rows[:, None], 0), (col_parts, cols[None, :], 1)):
+        kept = {}
+        for r, c, v in parts:
+            assert torch.equal(v, scores[r, c]) and bool((v > thresholds.to(v.dtype)[r if axis == 0 else 0,
+                                                                                      c if axis else 0]).all())
+            target = (r, c)[axis]
+            assert bool((target[1:] >= target[:-1]).all())
+            same = target[1:] == target[:-1]
+            assert bool((v[1:][same] <= v[:-1][same]).all())  # best first
+            for t, value in zip(target.tolist(), v.float().tolist()):
+                kept.setdefault(t, []).append(value)
+        line = scores if axis == 0 else scores.T
+        for t in range(line.shape[0]):
+            above = sorted(line[t][line[t] > thresholds.flatten()[t].to(line.dtype)].float().tolist(), reverse=True)
+            if axis == 0:
+                assert kept.get(t, []) == above[:keep]
+            else:  # each part keeps its own best: together, the column's best are among them
+                assert sorted(kept.get(t, []), reverse=True)[:keep] == above[:keep]
+        assert any(len(v) >= keep for v in kept.values())
 
 
 @pytest.mark.parametrize("tile", [(10, 23), (20, 7)])  # tiles that cut across the blocks; blocks taller than tiles
@@ -109,10 +147,19 @@ def test_all_pairs_search_equals_the_general_search_on_clustered_features(monkey
     x = (centres[rng.integers(0, 150, 3001)] + 0.3 * rng.standard_normal((3001, 48))).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)  # close neighbours, as in a game series
     monkeypatch.setattr(search_mod, "_CHUNK_BYTES", 4 * len(x) * 500)  # 7 blocks, the last one short
+    offers, best_offers = [], search_mod._best_offers
+
+    def counted(targets, *rest):
+        kept = best_offers(targets, *rest)
+        offers.append((len(targets), len(kept[0])))
+        return kept
+
+    monkeypatch.setattr(search_mod, "_best_offers", counted)
     for precision in search_mod.PRECISIONS:
         (idx, scores), (pair_idx, pair_scores) = _all_pairs_top_k(x, 10, precision=precision)
         np.testing.assert_array_equal(pair_idx, idx)
         np.testing.assert_allclose(pair_scores, scores, atol=1e-6)
+    assert sum(kept for _, kept in offers) < sum(found for found, _ in offers)  # bf16: rows' offers were cut
 
 
 def test_bf16_search_and_faiss_agree_with_exact():
