@@ -27,6 +27,7 @@ _TILE: tuple[int, int] | None = None
 _TIE_EXTRA = 4  # fp32 keeps a few extra, so ties of up to this many duplicates at the k-th place settle at once
 _FINISH_ROWS = 512  # rows rescored at a time: a candidate column of them stays in the cache
 _GROUP = 8  # the all-pairs search reads each score once, as part of a column's maximum over this many rows
+_FIRST_COLUMNS = 4096  # a tile's rows meet this many columns first, then twice as many, ... (see _widening)
 _MANY_OFFERS = 8  # a row offered this many in one merge takes them in one top-k, not one by one
 
 
@@ -329,15 +330,29 @@ def _above(scores: torch.Tensor, kth_rows: torch.Tensor, kth_cols: torch.Tensor,
         return [(rows, cols, values), (found_rows, found_cols, col_values)]
 
     def groups_above(first: int, last: int) -> list:
-        lowest = np.minimum(box_thresholds[first:last].min(axis=1)[:, None], t_cols[None, :])
-        group, col = np.divmod(np.flatnonzero(maxima[first:last] > lowest), width)
-        group += first
-        values = boxes[group, :, col]  # [hits, _GROUP]
-        found = []
-        for above in (values > box_thresholds[group], values > t_cols[col][:, None]):
-            hit, lane = np.divmod(np.flatnonzero(above), _GROUP)
-            found.append((group[hit] * _GROUP + lane, col[hit], values[hit, lane]))
-        return best(*found)
+        thresholds = box_thresholds[first:last].copy()  # these rows': raised as their best so far fill up
+        found_rows, found_cols = [_no_offers(s.dtype)], []
+        for start, stop in _widening(width, keep is not None):
+            lowest = np.minimum(thresholds.min(axis=1)[:, None], t_cols[None, start:stop])
+            group, col = np.divmod(np.flatnonzero(maxima[first:last, start:stop] > lowest), stop - start)
+            col += start
+            values = boxes[group + first, :, col]  # [hits, _GROUP]
+            for found, above in ((found_rows, values > thresholds[group]), (found_cols, values > t_cols[col][:, None])):
+                hit, lane = np.divmod(np.flatnonzero(above), _GROUP)
+                found.append(((group[hit] + first) * _GROUP + lane, col[hit], values[hit, lane]))
+            if keep is not None:  # each row's best so far; a row holding keep of them needs no less from now on
+                found_rows[:] = [_best_offers(*(np.concatenate(part) for part in zip(*found_rows)), keep)]
+                rows, _, values = found_rows[0]
+                last_of_row = np.flatnonzero(np.append(rows[1:] != rows[:-1], True))
+                full = last_of_row[np.diff(last_of_row, prepend=-1) == keep]
+                raised = thresholds.reshape(-1)  # a view
+                at = rows[full] - first * _GROUP
+                raised[at] = np.maximum(raised[at], values[full])
+        rows, cols = (tuple(np.concatenate(part) for part in zip(*found)) for found in (found_rows, found_cols))
+        if keep is None:
+            return [rows, cols]
+        found_cols, found_rows, col_values = _best_offers(cols[1], cols[0], cols[2], keep)
+        return [rows, (found_rows, found_cols, col_values)]
 
     cuts = [len(boxes) * i // _cores() for i in range(_cores() + 1)]
     parts = _side_by_side(groups_above, cuts, cuts[1:])
@@ -356,6 +371,17 @@ def _above(scores: torch.Tensor, kth_rows: torch.Tensor, kth_cols: torch.Tensor,
     if keep is None:
         return row_parts, [as_tensors(*(np.concatenate([part[1][i] for part in parts]) for i in range(3)))], False
     return row_parts, [as_tensors(*part[1]) for part in parts], True
+
+
+def _no_offers(dtype) -> tuple:
+    return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, dtype)
+
+
+def _widening(width: int, widen: bool) -> list[tuple[int, int]]:
+    """The column ranges a tile's rows are scanned in: doubling from ``_FIRST_COLUMNS`` (``widen``), so that a row's
+    threshold rises with the best it has met so far, or all at once."""
+    stops = [_FIRST_COLUMNS << i for i in range(max(0, (width - 1) // _FIRST_COLUMNS).bit_length())] if widen else []
+    return list(zip([0] + stops, stops + [width]))
 
 
 def _cores() -> int:

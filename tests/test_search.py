@@ -47,12 +47,16 @@ def test_selection_finds_exactly_the_scores_above_their_thresholds(shape, dtype)
         assert torch.equal(v, scores[r, c])
 
 
+@pytest.mark.parametrize("first_columns", [4096, 16])  # all columns at once; in widening ranges
 @pytest.mark.parametrize("shape", [(64, 800), (37, 53), (5, 9)])
-def test_selection_hands_each_row_and_column_only_its_best_in_order(shape):
+def test_selection_hands_each_row_and_column_only_its_best_in_order(shape, first_columns, monkeypatch):
     """With ``keep`` (bf16 on CPU), _above hands each row only its ``keep`` best scores above its threshold, and
     each column, from each part, its ``keep`` best above its own: by row (column), best first, so the merge need
-    not sort; a list of ``keep`` could take nothing else."""
+    not sort; a list of ``keep`` could take nothing else. Scanned in widening column ranges, a row's threshold
+    rises as it meets its best: the same offers."""
     import torch
+
+    monkeypatch.setattr(search_mod, "_FIRST_COLUMNS", first_columns)
 
     keep = 3
     rng = np.random.default_rng(sum(shape))
@@ -147,6 +151,7 @@ def test_all_pairs_search_equals_the_general_search_on_clustered_features(monkey
     x = (centres[rng.integers(0, 150, 3001)] + 0.3 * rng.standard_normal((3001, 48))).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)  # close neighbours, as in a game series
     monkeypatch.setattr(search_mod, "_CHUNK_BYTES", 4 * len(x) * 500)  # 7 blocks, the last one short
+    monkeypatch.setattr(search_mod, "_FIRST_COLUMNS", 64)  # rows' thresholds rise along a tile
     offers, best_offers = [], search_mod._best_offers
 
     def counted(targets, *rest):
