@@ -25,7 +25,8 @@ _RESCORE_EXTRA = 16  # bf16 keeps this many extra candidates (8 left 11% of the 
 # (tiles of 1,024 x 4,096, kept in cache, ran 1.4x slower on 2 busy cores: BENCHMARKS.md run 8)
 _TILE: tuple[int, int] | None = None
 _TIE_EXTRA = 4  # fp32 keeps a few extra, so ties of up to this many duplicates at the k-th place settle at once
-_FINISH_ROWS = 512  # rows rescored at a time: a candidate column of them stays in the cache
+_FINISH_ROWS = 512  # the all-pairs search ranks its rows' candidates this many rows at a time (in cache)
+_PAIRS = 2048  # candidate pairs the all-pairs search rescores at a time (512 ran 1.5x slower, threads waiting)
 _GROUP = 8  # the all-pairs search reads each score once, as part of a column's maximum over this many rows
 _FIRST_COLUMNS = 4096  # a tile's rows meet this many columns first, then twice as many, ... (see _widening)
 _MANY_OFFERS = 8  # a row offered this many in one merge takes them in one top-k, not one by one
@@ -138,6 +139,12 @@ class _Rounding:
         return 1.01 * 2 * q.shape[1] * 2.0 ** -24 * q.norm(dim=1) * self.max_norm
 
 
+def _rescored(vals: torch.Tensor, k: int, bound: torch.Tensor) -> torch.Tensor:
+    """How many of each row's candidates, by product score (``vals``, descending), get an exact score: those within
+    twice the rounding ``bound`` of the k-th best (see :func:`_finish`)."""
+    return (vals >= (vals[:, k - 1] - 2 * bound)[:, None]).sum(dim=1)
+
+
 def _finish(q, db, vals, idx, k, rounding: _Rounding, exclude=None) -> tuple[np.ndarray, np.ndarray]:
     """The final k of each row's candidates, by exact score (descending), then index (ascending).
 
@@ -150,15 +157,48 @@ def _finish(q, db, vals, idx, k, rounding: _Rounding, exclude=None) -> tuple[np.
     """
     vals, order = torch.sort(vals.float(), dim=1, descending=True)
     idx, bound = idx.gather(1, order), rounding.bound(q)
-    scores = _exact_scores(q, db, idx, (vals >= (vals[:, k - 1] - 2 * bound)[:, None]).sum(dim=1))
+    scores = _exact_scores(q, db, idx, _rescored(vals, k, bound))
+    return _settled(q, db, *_ranked(vals, idx, scores, bound, k, exclude), k, rounding, exclude)
+
+
+def _ranked(vals, idx, scores, bound, k, exclude=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The candidates (by product score ``vals``, descending) by exact ``scores``, then index: ``(idx, scores,
+    unsure)``, ``unsure`` the rows :func:`_settle` must see (see :func:`_finish`)."""
     if exclude is not None:
         scores[idx == exclude[:, None]] = -torch.inf
     scores, idx = _lexsort_topk(scores, idx, idx.shape[1])
-    unsure = torch.nonzero(scores[:, k - 1] <= vals.min(dim=1).values + bound).flatten()
+    return idx, scores, torch.nonzero(scores[:, k - 1] <= vals.min(dim=1).values + bound).flatten()
+
+
+def _settled(q, db, idx, scores, unsure, k, rounding: _Rounding, exclude=None) -> tuple[np.ndarray, np.ndarray]:
+    """The final k of each row: as ranked, the ``unsure`` rows settled on their whole row, all in one pass (a row
+    alone reads the whole database for one row's products)."""
     if len(unsure):
         ex = exclude[unsure] if exclude is not None else None
         scores[unsure, :k], idx[unsure, :k] = _settle(q[unsure], db, scores[unsure], idx[unsure], k, rounding, ex)
     return idx[:, :k].cpu().numpy(), scores[:, :k].cpu().numpy()
+
+
+def _pair_scores(x: torch.Tensor, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """:func:`_exact_scores` of every row of ``x`` against its first ``lengths`` candidates ``idx``, for the
+    all-pairs search: each unordered pair once. Neighbours are mostly each other's candidates (half the pairs, on
+    clustered features), and ``x[a] * x[b]`` are the products of ``x[b] * x[a]``, summed in the same order, so one
+    score serves both rows, bit for bit. Pairs go by their lower row, whose vector stays in cache."""
+    n = len(x)
+    wanted = torch.arange(idx.shape[1], device=x.device) < lengths[:, None]
+    rows, cands = torch.arange(n, device=x.device)[:, None].expand_as(idx)[wanted], idx[wanted]
+    pairs, each = torch.unique(torch.minimum(rows, cands) * n + torch.maximum(rows, cands), return_inverse=True)
+    pair_scores = torch.empty(len(pairs), device=x.device)
+
+    def score(start: int) -> None:
+        chunk = pairs[start:start + _PAIRS]
+        high, low = (torch.index_select(x, 0, rows) for rows in (chunk % n, chunk // n))
+        pair_scores[start:start + len(chunk)] = torch.sum(high.mul_(low), dim=1)  # as _exact_scores sums
+
+    _side_by_side(score, range(0, len(pairs), _PAIRS))
+    scores = torch.full(idx.shape, -torch.inf, device=x.device)
+    scores[wanted] = pair_scores[each]
+    return scores
 
 
 def _settle(q, db, scores, candidates, k, rounding: _Rounding, exclude=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -458,17 +498,20 @@ def top_k_all_pairs(
             offers += _tile_candidates(sims, kth[:stop - start], kth[col - start:end - start], start, col, own, n_cand)
         for rows, cands, vals, grouped in offers:
             _merge_pairs(best_val, best_idx, rows, cands, vals, grouped)
-    out_idx = np.empty((n, k), np.int64)
-    out_val = np.empty((n, k), np.float32)
+    vals, order = torch.sort(best_val, dim=1, descending=True)
+    idx = best_idx.gather(1, order)
+    bound = torch.cat([rounding.bound(rows) for rows in x.split(_FINISH_ROWS)])
+    scores = _pair_scores(x, idx, _rescored(vals, k, bound))
+    unsure = []
 
-    def finish(start: int) -> None:
-        rows = torch.arange(start, min(start + _FINISH_ROWS, n), device=dev)
-        out_idx[start:start + len(rows)], out_val[start:start + len(rows)] = _finish(
-            x[rows], x, best_val[rows], best_idx[rows], k, rounding, rows)
+    def rank(start: int) -> None:
+        rows = slice(start, start + _FINISH_ROWS)
+        idx[rows], scores[rows], rows_unsure = _ranked(vals[rows], idx[rows], scores[rows], bound[rows], k,
+                                                       torch.arange(start, min(start + _FINISH_ROWS, n), device=dev))
+        unsure.append(rows_unsure + start)
 
-    # chunks side by side: the candidates' gathers wait on memory, and torch lets go of the GIL
-    _side_by_side(finish, range(0, n, _FINISH_ROWS))
-    return out_idx, out_val
+    _side_by_side(rank, range(0, n, _FINISH_ROWS))  # chunks side by side: torch lets go of the GIL
+    return _settled(x, x, idx, scores, torch.cat(unsure), k, rounding, torch.arange(n, device=dev))
 
 
 #: faiss HNSW graph: links per banner, and candidates kept while building and searching (more: slower, better
