@@ -281,9 +281,8 @@ def _argsort(key: torch.Tensor) -> torch.Tensor:
 def _merge_pairs(best_val, best_idx, rows, cands, vals, grouped: bool = False) -> None:
     """Merge scattered candidates (``cands[e]`` scoring ``vals[e]`` for row ``rows[e]``) into the running lists,
     in place. Each row's offers are put together, best first (``grouped``: they are already), by one sort by row,
-    then score (descending, as an integer: the float's bits, negatives after positives). A row offered many takes
-    its best ones beside its list in one top-k; the others, in rounds, take their next best in place of the lowest
-    of their list if higher (most are offered one or two: a top-k over a padded row costs them 3x)."""
+    then score (descending, as an integer: the float's bits, negatives after positives); then each core merges a
+    range of rows (:func:`_merge_rows`: rows do not share lists, and torch lets go of the GIL)."""
     if not len(rows):
         return
     if not grouped:
@@ -291,6 +290,17 @@ def _merge_pairs(best_val, best_idx, rows, cands, vals, grouped: bool = False) -
         falling = torch.where(bits < 0, bits + (1 << 32), bits ^ 0x7FFFFFFF)  # in [0, 2^32), grows as the score falls
         order = _argsort(rows * (1 << 32) + falling)
         rows, cands, vals = rows[order], cands[order], vals[order]
+    cuts = [0] + [int(torch.searchsorted(rows, rows[len(rows) * i // _cores()])) for i in range(1, _cores())]
+    _side_by_side(lambda start, stop: _merge_rows(best_val, best_idx, rows[start:stop], cands[start:stop],
+                                                  vals[start:stop]), cuts, cuts[1:] + [len(rows)])
+
+
+def _merge_rows(best_val, best_idx, rows, cands, vals) -> None:
+    """:func:`_merge_pairs` for offers grouped by row, best first. A row offered many takes its best ones beside
+    its list in one top-k; the others, in rounds, take their next best in place of the lowest of their list if
+    higher (most are offered one or two: a top-k over a padded row costs them 3x)."""
+    if not len(rows):
+        return
     first = torch.ones(len(rows), dtype=torch.bool, device=rows.device)
     first[1:] = rows[1:] != rows[:-1]
     starts = torch.nonzero(first).flatten()
