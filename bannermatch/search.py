@@ -111,27 +111,27 @@ def _exact_scores(q: torch.Tensor, db: torch.Tensor, idx: torch.Tensor, lengths:
 class _Rounding:
     """What bounds the distance between a product score (the search's float type) and the exact fp32 score of the
     same pair, measured once on the database: its largest norm, and after rounding to the search's type, its
-    largest norm and largest rounding."""
+    largest norm and largest rounding (and each row's, for the all-pairs search, whose queries are its rows)."""
 
     def __init__(self, db: torch.Tensor, db_search: torch.Tensor):
-        self.dtype = db_search.dtype
-        largest = []
-        for rows, rows_search in zip(db.split(4096), db_search.split(4096)):  # pieces that stay in cache: 2x faster
-            rounded = rows_search.float()
-            largest.append(torch.stack([rows.norm(dim=1).max(), rounded.norm(dim=1).max(),
-                                        (rounded - rows).norm(dim=1).max()]))
-        self.max_norm, self.max_norm_rounded, self.max_rounding = torch.stack(largest).max(dim=0).values
+        self.dtype, self.d = db_search.dtype, db.shape[1]
+        self.rows = torch.cat([self._norms(rows) for rows in db.split(4096)], dim=1)  # in pieces that stay in cache
+        self.max_norm, self.max_norm_rounded, self.max_rounding = self.rows.max(dim=1).values
 
-    def bound(self, q: torch.Tensor) -> torch.Tensor:
-        """Per row of ``q``: |product - exact| for any database row, by the triangle inequality over the steps: each
-        side rounded (|q~ - q| |c~| + |q| |c~ - c|), fp32 sums in any order (d * 2^-24 * |q| * |c|, for the product
-        and for the exact score), and a bf16 result rounded once more (half a step: 2^-8 of it). 1% on top covers
-        the rounding of this sum itself."""
+    def _norms(self, q: torch.Tensor) -> torch.Tensor:
+        """``[3, len(q)]``: each row's norm, its norm once rounded to the search's type, and the rounding's norm."""
         rounded = q.to(self.dtype).float()
-        n_q, n_rounded = q.norm(dim=1), rounded.norm(dim=1)
+        return torch.stack([q.norm(dim=1), rounded.norm(dim=1), (rounded - q).norm(dim=1)])
+
+    def bound(self, q: torch.Tensor | None = None) -> torch.Tensor:
+        """Per row of ``q`` (default: the database's own rows): |product - exact| for any database row, by the
+        triangle inequality over the steps: each side rounded (|q~ - q| |c~| + |q| |c~ - c|), fp32 sums in any order
+        (d * 2^-24 * |q| * |c|, for the product and for the exact score), and a bf16 result rounded once more (half
+        a step: 2^-8 of it). 1% on top covers the rounding of this sum itself."""
+        n_q, n_rounded, rounding = self.rows if q is None else self._norms(q)
         result = 2.0 ** -8 if self.dtype == torch.bfloat16 else 0.0
-        sums = q.shape[1] * 2.0 ** -24 * (n_rounded * self.max_norm_rounded + n_q * self.max_norm)
-        return 1.01 * (result * n_rounded * self.max_norm_rounded + (rounded - q).norm(dim=1) * self.max_norm_rounded
+        sums = self.d * 2.0 ** -24 * (n_rounded * self.max_norm_rounded + n_q * self.max_norm)
+        return 1.01 * (result * n_rounded * self.max_norm_rounded + rounding * self.max_norm_rounded
                        + n_q * self.max_rounding + sums)
 
     def fp32_bound(self, q: torch.Tensor) -> torch.Tensor:
@@ -510,7 +510,7 @@ def top_k_all_pairs(
             _merge_pairs(best_val, best_idx, rows, cands, vals, grouped)
     vals, order = torch.sort(best_val, dim=1, descending=True)
     idx = best_idx.gather(1, order)
-    bound = torch.cat([rounding.bound(rows) for rows in x.split(_FINISH_ROWS)])
+    bound = rounding.bound()
     scores = _pair_scores(x, idx, _rescored(vals, k, bound))
     unsure = []
 
