@@ -381,7 +381,7 @@ def _above(scores: torch.Tensor, kth_rows: torch.Tensor, kth_cols: torch.Tensor,
 
     def groups_above(first: int, last: int) -> list:
         thresholds = box_thresholds[first:last].copy()  # these rows': raised as their best so far fill up
-        found_rows, found_cols = [_no_offers(s.dtype)], []
+        found_rows, found_cols = [], []
         for start, stop in _widening(width, keep is not None):
             lowest = np.minimum(thresholds.min(axis=1)[:, None], t_cols[None, start:stop])
             group, col = np.divmod(np.flatnonzero(maxima[first:last, start:stop] > lowest), stop - start)
@@ -398,11 +398,7 @@ def _above(scores: torch.Tensor, kth_rows: torch.Tensor, kth_cols: torch.Tensor,
                 raised = thresholds.reshape(-1)  # a view
                 at = rows[full] - first * _GROUP
                 raised[at] = np.maximum(raised[at], values[full])
-        rows, cols = (tuple(np.concatenate(part) for part in zip(*found)) for found in (found_rows, found_cols))
-        if keep is None:
-            return [rows, cols]
-        found_cols, found_rows, col_values = _best_offers(cols[1], cols[0], cols[2], keep)
-        return [rows, (found_rows, found_cols, col_values)]
+        return best(*(tuple(np.concatenate(part) for part in zip(*found)) for found in (found_rows, found_cols)))
 
     cuts = [len(boxes) * i // _cores() for i in range(_cores() + 1)]
     parts = _side_by_side(groups_above, cuts, cuts[1:])
@@ -421,10 +417,6 @@ def _above(scores: torch.Tensor, kth_rows: torch.Tensor, kth_cols: torch.Tensor,
     if keep is None:
         return row_parts, [as_tensors(*(np.concatenate([part[1][i] for part in parts]) for i in range(3)))], False
     return row_parts, [as_tensors(*part[1]) for part in parts], True
-
-
-def _no_offers(dtype) -> tuple:
-    return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, dtype)
 
 
 def _widening(width: int, widen: bool) -> list[tuple[int, int]]:
